@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One-command, idempotent environment for running and testing Consistent Story headless.
+#
+#   bash scripts/setup.sh            # creates/updates the venv; prints its python at the end
+#
+# - venv: $CONSISTENT_STORY_VENV, default <repo>/.venv
+# - torch: PyPI's default torch + torchvision builds (they also run on a CPU; a CPU-only
+#   torch wheel without a matching torchvision cannot import ComfyUI)
+# - ComfyUI: found by scripts/comfy_host.py; if absent, comfy-cli is tried, and if that cannot
+#   reach the internet the script stops and says where to put a checkout.
+# A second run only checks stamps and takes seconds.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${CONSISTENT_STORY_VENV:-$repo/.venv}"
+torch_spec=(torch==2.13.0 torchvision==0.28.0)
+py="$venv/bin/python"
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+if [ ! -x "$py" ]; then
+  say "creating virtual environment at $venv"
+  python3 -m venv "$venv"
+fi
+
+# --isolated: PyPI's default builds, ignoring a machine's pip config that would point at a
+# local CPU-only torch wheel for which no torchvision exists.
+if ! "$py" -c 'import torch, torchvision, sys; sys.exit(0 if (torch.__version__.split("+")[0], torchvision.__version__.split("+")[0]) == ("2.13.0", "0.28.0") else 1)' 2>/dev/null; then
+  say "installing ${torch_spec[*]} (several GB, once)"
+  "$py" -m pip install --isolated --quiet "${torch_spec[@]}"
+fi
+
+if ! comfy_dir="$("$py" "$repo/scripts/comfy_host.py" 2>/dev/null)"; then
+  say "ComfyUI not found; trying comfy-cli to install it into ~/comfy/ComfyUI"
+  if "$py" -m pip install --quiet comfy-cli >/dev/null 2>&1 &&
+     timeout 900 "$venv/bin/comfy" --skip-prompt --workspace="$HOME/comfy/ComfyUI" install --cpu --skip-manager --skip-torch-or-directml >&2; then
+    comfy_dir="$("$py" "$repo/scripts/comfy_host.py")" || true
+  fi
+  if [ -z "${comfy_dir:-}" ]; then
+    "$py" "$repo/scripts/comfy_host.py" || true   # prints where it looked and what to do
+    say "comfy-cli could not install ComfyUI (no internet access?). Put a ComfyUI checkout at ~/comfy/ComfyUI or set COMFYUI_PATH, then run this again."
+    exit 1
+  fi
+fi
+say "ComfyUI: $comfy_dir"
+
+# Requirements are re-installed only when one of the files changes (stamp = their hash).
+host_reqs="$(grep -viE '^\s*(torch|torchvision|torchaudio)\s*($|[<>=~!#])' "$comfy_dir/requirements.txt")"
+stamp_src="$host_reqs$(cat "$repo/requirements.txt" "$repo/tests/requirements.txt")"
+stamp="$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)"
+if [ "$(cat "$venv/.consistent-story-stamp" 2>/dev/null)" != "$stamp" ]; then
+  say "installing ComfyUI's, the pack's and the tests' requirements"
+  printf '%s\n' "$host_reqs" > "$venv/comfyui-requirements.txt"
+  "$py" -m pip install --quiet -r "$venv/comfyui-requirements.txt" -r "$repo/requirements.txt" -r "$repo/tests/requirements.txt"
+  echo "$stamp" > "$venv/.consistent-story-stamp"
+fi
+echo "$py"
