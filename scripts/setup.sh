@@ -24,7 +24,10 @@ fi
 
 # --isolated: PyPI's default builds, ignoring a machine's pip config that would point at a
 # local CPU-only torch wheel for which no torchvision exists.
-if ! "$py" -c 'import torch, torchvision, sys; sys.exit(0 if (torch.__version__.split("+")[0], torchvision.__version__.split("+")[0]) == ("2.13.0", "0.28.0") else 1)' 2>/dev/null; then
+# Checked from package metadata: importing torch just to read its version costs seconds.
+if ! "$py" -c 'import sys
+from importlib.metadata import version
+sys.exit(0 if [version(n).split("+")[0] for n in ("torch", "torchvision")] == ["2.13.0", "0.28.0"] else 1)' 2>/dev/null; then
   say "installing ${torch_spec[*]} (several GB, once)"
   "$py" -m pip install --isolated --quiet "${torch_spec[@]}"
 fi

@@ -1,0 +1,115 @@
+"""Consistent Self-Attention installed on a ComfyUI ModelPatcher.
+
+Three small pieces cooperate, all namespaced and all stackable with other packs:
+- an APPLY_MODEL wrapper: once per model call, finds the sampling step from the sigmas and puts
+  a fresh per-call ``CallState`` into (a copy of) ``transformer_options``;
+- an attn1 patch (``set_model_attn1_patch``): per self-attention layer, decides from the block,
+  the schedule and the rows whether CSA runs there, and if so leaves a ``GatherPlan`` in the state;
+- an ``optimized_attention_override`` (chained to any override already present): the attention
+  call right after attn1 takes that plan and extends the *projected* keys and values, so no
+  extra projection work is done and ComfyUI's own attention backend still runs, unmasked.
+Nothing persists between calls; the patch object holds only its frozen config, and clones share it.
+"""
+from __future__ import annotations
+
+from ..attention import (
+    ConsistentAttentionError,
+    CSAConfig,
+    Step,
+    downsample_factor,
+    layer_active,
+    locate_step,
+    mix_seed,
+    plan_gather,
+)
+
+STATE_KEY = "consistent_story.csa"
+WRAPPER_KEY = "consistent_story.csa"
+APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
+OVERRIDE_KEY = "optimized_attention_override"
+BLOCK_KIND_IDS = {"input": 0, "middle": 1, "output": 2}
+
+
+class CallState:
+    """What one model call knows: its step, and the gather waiting for the next attention call."""
+
+    __slots__ = ("step", "pending", "chained_override")
+
+    def __init__(self, step: Step, chained_override):
+        self.step = step
+        self.pending = None
+        self.chained_override = chained_override
+
+
+def current_step(transformer_options: dict) -> Step:
+    sigmas = transformer_options.get("sigmas")
+    schedule = transformer_options.get("sample_sigmas")
+    if sigmas is None or schedule is None:
+        return Step(0, 1)
+    return locate_step(float(sigmas.reshape(-1)[0]), schedule.tolist())
+
+
+class ConsistentAttentionPatch:
+    def __init__(self, config: CSAConfig):
+        self.config = config
+
+    def __deepcopy__(self, memo):
+        return self  # immutable: every clone of the model shares this patch
+
+    def install(self, model) -> None:
+        """Install on a ModelPatcher clone (never on the incoming model)."""
+        if model.get_wrappers(APPLY_MODEL, WRAPPER_KEY):
+            raise ConsistentAttentionError(
+                "this model already has Consistent Self-Attention; use one Consistent Self-Attention node per model."
+            )
+        model.set_model_attn1_patch(self)
+        model.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, self.wrap_apply_model)
+
+    def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        options = dict(transformer_options)  # the caller's dict stays untouched
+        options[STATE_KEY] = CallState(current_step(options), options.get(OVERRIDE_KEY))
+        options[OVERRIDE_KEY] = self.attention
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    def __call__(self, n, context, value, extra_options):
+        """attn1 patch: plan the gather for this layer, or clear any stale plan."""
+        state = extra_options.get(STATE_KEY)
+        if state is None:
+            return n, context, value
+        state.pending = None
+        block = extra_options.get("block")
+        if block is None or not self.config.patches_block(block[0], block[1]):
+            return n, context, value
+        rows, tokens = n.shape[0], n.shape[1]
+        chunks = len(extra_options.get("cond_or_uncond") or [0])
+        if rows % chunks:
+            raise ConsistentAttentionError(
+                f"Consistent Self-Attention got {rows} rows for {chunks} conditioning chunks; something split "
+                "the panel batch (context windows over the batch?). Remove that node or CSA."
+            )
+        panels = rows // chunks
+        height, width = extra_options["original_shape"][-2:]
+        rate = self.config.rate_for(downsample_factor(height, width, tokens))
+        if panels < 2 or rate <= 0:
+            return n, context, value
+        layer = mix_seed(BLOCK_KIND_IDS.get(block[0], 3), block[1], extra_options.get("block_index", 0))
+        if layer_active(self.config, state.step, layer):
+            state.pending = plan_gather(
+                chunks, panels, tokens, rate, self.config.window,
+                seed=mix_seed(self.config.seed, state.step.index, layer), device=n.device,
+            )
+        return n, context, value
+
+    def attention(self, func, q, k, v, heads, *args, **kwargs):
+        """optimized_attention_override: extend k/v with the planned tokens, then attend as usual."""
+        options = kwargs.get("transformer_options") or {}
+        state = options.get(STATE_KEY)
+        plan = state.pending if state is not None else None
+        if plan is not None:
+            state.pending = None
+            if q.shape[:2] == k.shape[:2] == (plan.rows, plan.tokens) and q.ndim == 3:
+                k, v = plan.extend(k), plan.extend(v)
+        chained = state.chained_override if state is not None else None
+        if chained is not None:
+            return chained(func, q, k, v, heads, *args, **kwargs)
+        return func(q, k, v, heads, *args, **kwargs)

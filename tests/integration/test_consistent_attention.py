@@ -1,0 +1,270 @@
+"""Consistent Self-Attention on real ComfyUI models, real samplers, random weights.
+
+Each test loads a checkpoint with CheckpointLoaderSimple, patches it with the pack's node as
+ComfyUI loaded it, and samples with ComfyUI's own KSampler code. A probe installed as ComfyUI's
+``optimized_attention_override`` (CSA chains to it) records every attention call, and a post-CFG
+function records the cond/uncond predictions of the first step.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+PANELS = 4
+SIZE = 64  # pixels; latent 8x8
+NODE = "ConsistentStorySelfAttention"
+CSA_DEFAULTS = dict(rate_fine=0.5, rate_coarse=0.5, window=0, blocks="output", custom_blocks="output 0-2",
+                    schedule="always", start_percent=0.0, end_percent=1.0, seed=0)
+
+
+class SharedAcrossClones:
+    """ModelPatcher.clone() deep-copies model_options; recorders must stay one object."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class AttentionProbe(SharedAcrossClones):
+    def __init__(self):
+        self.calls = []  # (block, block_index, query tokens, key tokens, rows)
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        self.calls.append((tuple(options.get("block") or ()), options.get("block_index"), q.shape[1], k.shape[1], q.shape[0]))
+        return func(q, k, v, heads, *args, **kwargs)
+
+    def self_attention_calls(self):
+        """attn1 calls: in the unpatched model their keys are as long as their queries."""
+        return [call for call in self.calls if call[2] == call[3]]
+
+
+class FirstStepPredictions(SharedAcrossClones):
+    def __init__(self):
+        self.cond = self.uncond = None
+
+    def __call__(self, args):
+        if self.cond is None:
+            self.cond, self.uncond = args["cond_denoised"].clone(), args["uncond_denoised"].clone()
+        return args["denoised"]
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, checkpoints):
+    cache = {}
+
+    def load(kind):
+        if kind not in cache:
+            cache[kind] = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(checkpoints[kind])[:2]
+        return cache[kind]
+
+    return load
+
+
+def encode(comfy, clip, text):
+    return comfy.nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def patch(comfy, model, **options):
+    return comfy.NODE_CLASS_MAPPINGS[NODE].execute(model=model, **{**CSA_DEFAULTS, **options}).result[0]
+
+
+def with_recorders(model, probe=None, predictions=None):
+    model = model.clone()
+    if probe is not None:
+        model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = probe
+    if predictions is not None:
+        model.set_model_sampler_post_cfg_function(predictions)
+    return model
+
+
+def sample(comfy, model, clip, positive="a knight in red armour", negative="blurry", panels=PANELS, steps=2,
+           cfg=5.0, sampler="euler", seed=1):
+    latent = {"samples": torch.zeros(panels, 4, SIZE // 8, SIZE // 8)}
+    pos = encode(comfy, clip, positive) if isinstance(positive, str) else positive
+    neg = encode(comfy, clip, negative) if isinstance(negative, str) else negative
+    with torch.inference_mode():
+        out = comfy.nodes.common_ksampler(model, seed, steps, cfg, sampler, "normal", pos, neg, latent)[0]
+    return out["samples"]
+
+
+def output_transformer_layers(model) -> int:
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    unet = model.model.diffusion_model
+    return sum(isinstance(m, BasicTransformerBlock) for m in unet.output_blocks.modules())
+
+
+@pytest.mark.parametrize("kind", ["sd15_small", "vega_small"])
+def test_disabled_is_bit_identical_to_vanilla(comfy, loaded, kind):
+    model, clip = loaded(kind)
+    vanilla = sample(comfy, model, clip)
+    assert patch(comfy, model, rate_fine=0.0, rate_coarse=0.0) is model, "rate 0 installs nothing"
+    installed_but_idle = patch(comfy, model, start_percent=0.9)  # 2 steps: progress 0 and 0.5, both before 0.9
+    assert installed_but_idle is not model
+    assert torch.equal(sample(comfy, installed_but_idle, clip), vanilla)
+
+
+@pytest.mark.parametrize("kind", ["sd15_small", "vega_small"])
+def test_enabled_changes_images_and_runs_on_exactly_the_output_blocks(comfy, loaded, kind):
+    model, clip = loaded(kind)
+    vanilla_probe, csa_probe = AttentionProbe(), AttentionProbe()
+    vanilla = sample(comfy, with_recorders(model, vanilla_probe), clip, steps=1)
+    patched = sample(comfy, with_recorders(patch(comfy, model), csa_probe), clip, steps=1)
+    assert not torch.allclose(patched, vanilla, atol=1e-3), "CSA must change the images"
+
+    attn1 = vanilla_probe.self_attention_calls()
+    assert len(csa_probe.calls) == len(vanilla_probe.calls)
+    extended = {(c[0], c[1]) for c in csa_probe.calls if c[3] > c[2]}
+    expected = {(c[0], c[1]) for c in attn1 if c[0][0] == "output"}
+    assert extended == expected
+    assert len(expected) == output_transformer_layers(model) > 0
+    assert any(c[0][0] != "output" for c in attn1), "the model has other self-attention layers, left alone"
+    for (block, index, q_len, k_len, rows), base in zip(csa_probe.calls, vanilla_probe.calls):
+        if (block, index) in extended:
+            # 3 other panels x round(0.5 * tokens) each
+            assert k_len == q_len + 3 * round(0.5 * q_len) and rows == 2 * PANELS
+
+
+def test_real_sd15_layout_patches_output_blocks_3_to_11(comfy, loaded):
+    model, clip = loaded("sd15")
+    probe = AttentionProbe()
+    sample(comfy, with_recorders(patch(comfy, model), probe), clip, steps=1, panels=2)
+    assert {c[0] for c in probe.calls if c[3] > c[2]} == {("output", i) for i in range(3, 12)}
+
+
+@pytest.mark.parametrize("blocks,custom,expected", [
+    ("all", "", lambda block: True),
+    ("custom", "output 1, middle 0", lambda block: block in {("output", 1), ("middle", 0)}),
+])
+def test_block_choices_reach_exactly_the_chosen_layers(comfy, loaded, blocks, custom, expected):
+    model, clip = loaded("sd15_small")
+    vanilla_probe, csa_probe = AttentionProbe(), AttentionProbe()
+    sample(comfy, with_recorders(model, vanilla_probe), clip, steps=1)
+    sample(comfy, with_recorders(patch(comfy, model, blocks=blocks, custom_blocks=custom), csa_probe), clip, steps=1)
+    extended = {(c[0], c[1]) for c in csa_probe.calls if c[3] > c[2]}
+    assert extended and extended == {(c[0], c[1]) for c in vanilla_probe.self_attention_calls() if expected(c[0])}
+
+
+def test_cond_rows_never_see_uncond_rows(comfy, loaded):
+    """A 5-chunk positive cannot be batched with a 1-chunk negative (ComfyUI refuses an LCM over 4),
+    so it runs alone; with a 5-chunk negative it shares the call. Its prediction must not care."""
+    model, clip = loaded("sd15_small")
+    patched = patch(comfy, model, rate_fine=1.0, rate_coarse=1.0)
+    long_positive = encode(comfy, clip, ", ".join(["a knight in red armour on a horse"] * 40))
+    long_negative = encode(comfy, clip, ", ".join(["blurry, ugly, deformed hands, watermark"] * 40))
+    assert long_positive[0][0].shape[1] == long_negative[0][0].shape[1] == 5 * 77
+
+    runs = {}
+    for name, negative in (("joint", long_negative), ("separate", "blurry")):
+        probe, predictions = AttentionProbe(), FirstStepPredictions()
+        sample(comfy, with_recorders(patched, probe, predictions), clip, positive=long_positive, negative=negative, steps=1)
+        runs[name] = (probe, predictions)
+    assert {c[4] for c in runs["joint"][0].calls} == {2 * PANELS}
+    assert {c[4] for c in runs["separate"][0].calls} == {PANELS}
+    torch.testing.assert_close(runs["joint"][1].cond, runs["separate"][1].cond, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(runs["joint"][1].uncond, runs["separate"][1].uncond, atol=1e-3)
+
+    vanilla = FirstStepPredictions()
+    sample(comfy, with_recorders(model, None, vanilla), clip, positive=long_positive, negative=long_negative, steps=1)
+    assert not torch.allclose(vanilla.cond, runs["joint"][1].cond, atol=1e-3), "CSA was active"
+
+
+def float64_all_panels_attention(q, k, v, extra_options):
+    """Independent reference: each row attends to every token of every row in its chunk, in float64."""
+    heads = extra_options["n_heads"]
+    rows, tokens, width = q.shape
+    chunks = len(extra_options["cond_or_uncond"])
+    panels = rows // chunks
+    split = lambda t: t.double().reshape(chunks, panels, tokens, heads, width // heads)  # noqa: E731
+    q6, k6, v6 = split(q), split(k), split(v)
+    keys = k6.reshape(chunks, panels * tokens, heads, -1)
+    values = v6.reshape(chunks, panels * tokens, heads, -1)
+    scores = torch.einsum("cpqhd,ckhd->cphqk", q6, keys) / (width // heads) ** 0.5
+    out = torch.einsum("cphqk,ckhd->cpqhd", scores.softmax(dim=-1), values)
+    return out.reshape(rows, tokens, width).to(q.dtype)
+
+
+def test_rate_one_all_panels_matches_float64_reference(comfy, loaded):
+    model, clip = loaded("sd15_small")
+    ours = FirstStepPredictions()
+    sample(comfy, with_recorders(patch(comfy, model, rate_fine=1.0, rate_coarse=1.0), None, ours), clip, steps=1)
+
+    reference_model = model.clone()
+    for index in range(12):
+        reference_model.set_model_attn1_replace(float64_all_panels_attention, "output", index)
+    reference, vanilla = FirstStepPredictions(), FirstStepPredictions()
+    sample(comfy, with_recorders(reference_model, None, reference), clip, steps=1)
+    sample(comfy, with_recorders(model, None, vanilla), clip, steps=1)
+
+    torch.testing.assert_close(ours.cond, reference.cond, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.uncond, reference.uncond, rtol=1e-4, atol=1e-4)
+    assert (ours.cond - vanilla.cond).abs().max() > 100 * (ours.cond - reference.cond).abs().max()
+
+
+def test_seeded_reproducible_and_the_input_model_is_untouched(comfy, loaded):
+    model, clip = loaded("sd15_small")
+    before = sample(comfy, model, clip)
+    options_before = repr(model.model_options)
+    first = sample(comfy, patch(comfy, model, schedule="official", seed=5), clip, steps=10)
+    again = sample(comfy, patch(comfy, model, schedule="official", seed=5), clip, steps=10)
+    other_seed = sample(comfy, patch(comfy, model, schedule="official", seed=6), clip, steps=10)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_seed)
+    assert torch.equal(sample(comfy, model, clip), before)
+    assert repr(model.model_options) == options_before
+
+
+def test_one_panel_behaves_exactly_like_vanilla(comfy, loaded):
+    model, clip = loaded("sd15_small")
+    assert torch.equal(sample(comfy, patch(comfy, model), clip, panels=1), sample(comfy, model, clip, panels=1))
+
+
+def test_survives_downstream_clones_and_refuses_a_second_patch(comfy, loaded):
+    from comfy.model_patcher import ModelPatcher  # noqa: F401  (the host class the clone comes from)
+
+    model, clip = loaded("sd15_small")
+    patched = patch(comfy, model)
+    downstream = patched.clone()  # what a LoRA loader or any later patch node does
+    downstream.set_model_attn1_output_patch(lambda n, extra_options: n)
+    assert torch.equal(sample(comfy, downstream, clip), sample(comfy, patched, clip))
+    with pytest.raises(ValueError, match="already has Consistent Self-Attention"):
+        patch(comfy, downstream)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
+def test_samplers_with_extra_evaluations(comfy, loaded, sampler):
+    model, clip = loaded("sd15_small")
+    patched = patch(comfy, model, schedule="official")
+    first = sample(comfy, patched, clip, sampler=sampler, steps=4)
+    assert torch.equal(first, sample(comfy, patched, clip, sampler=sampler, steps=4))
+    assert not torch.equal(first, sample(comfy, model, clip, sampler=sampler, steps=4))
+
+
+def test_cfg_one_several_positives_and_area_conds(comfy, loaded):
+    model, clip = loaded("sd15_small")
+    patched = patch(comfy, model)
+    nodes = comfy.nodes
+    assert not torch.equal(sample(comfy, patched, clip, cfg=1.0), sample(comfy, model, clip, cfg=1.0))
+
+    two = nodes.ConditioningCombine().combine(encode(comfy, clip, "a knight"), encode(comfy, clip, "a castle"))[0]
+    probe = AttentionProbe()
+    combined = sample(comfy, with_recorders(patched, probe), clip, positive=two, steps=1)
+    assert {c[4] for c in probe.calls if c[3] > c[2]} == {3 * PANELS}, "three chunks, one call"
+    assert torch.isfinite(combined).all()
+
+    area = nodes.ConditioningSetArea().append(encode(comfy, clip, "a dragon"), 32, 32, 0, 0, 1.0)[0]
+    with_area = nodes.ConditioningCombine().combine(encode(comfy, clip, "a knight"), area)[0]
+    probe = AttentionProbe()
+    result = sample(comfy, with_recorders(patched, probe), clip, positive=with_area, steps=1)
+    assert torch.isfinite(result).all()
+    assert {c[4] for c in probe.calls if c[3] > c[2]} >= {PANELS}, "the area chunk runs alone, still patched"
+
+
+def test_perturbed_attention_guidance_reruns(comfy, loaded):
+    model, clip = loaded("sd15_small")
+    pag = comfy.NODE_CLASS_MAPPINGS["PerturbedAttentionGuidance"]
+    guided = pag.execute(model=patch(comfy, model), scale=2.0)
+    guided = guided.result[0] if hasattr(guided, "result") else guided[0]
+    first = sample(comfy, guided, clip, steps=2)
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, sample(comfy, guided, clip, steps=2))
