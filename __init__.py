@@ -10,6 +10,6 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import ConsistentStoryExtension
+    from .nodes.extension import ConsistentStoryExtension
 
     return ConsistentStoryExtension()

@@ -1,11 +1,5 @@
-"""ComfyUI nodes of the pack (v3 schema). Each ``nodes_<family>.py`` exports ``NODES``."""
-from comfy_api.latest import ComfyExtension, io
+"""ComfyUI nodes of the pack (v3 schema), one ``nodes_<family>.py`` module per family.
 
-from . import nodes_comic, nodes_consistent_attention, nodes_story
-
-NODE_MODULES = (nodes_consistent_attention, nodes_story, nodes_comic)
-
-
-class ConsistentStoryExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [node for module in NODE_MODULES for node in module.NODES]
+Kept empty so the pure helpers beside the nodes (story parsing, page layout) import without
+ComfyUI; ``extension.py`` gathers the nodes for ``comfy_entrypoint``.
+"""

@@ -1,0 +1,107 @@
+"""Comic Page node: lays a story's panels and their captions out on comic pages."""
+from comfy_api.latest import io
+
+from .comic_layout import CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, compose_pages
+
+
+class ComicPage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConsistentStoryComicPage",
+            display_name="Comic Page",
+            category="consistent_story",
+            description=(
+                "Lays story panels out on comic pages with a caption under each captioned panel. "
+                "Panels are centre-cropped to fill their cells; the page height follows from the layout "
+                "and the panels' aspect ratio. When the panels do not fit on one page (panels_per_page), "
+                "several pages of the same size are returned as one image batch."
+            ),
+            inputs=[
+                io.Image.Input("images", tooltip="The story's panels, in reading order."),
+                io.String.Input(
+                    "captions",
+                    multiline=True,
+                    default="",
+                    tooltip=(
+                        "One caption per panel per line, in panel order; an empty line leaves that panel "
+                        "without caption. Connect the Story Prompts node's captions output here, or type them."
+                    ),
+                ),
+                io.Combo.Input(
+                    "layout",
+                    options=list(LAYOUTS),
+                    default=CLASSIC,
+                    tooltip=(
+                        "grid: equal cells, `columns` per row. classic comic: rows of 1 to `columns` panels, "
+                        "chosen by `seed`. four-panel strip: 2 x 2 panels per page."
+                    ),
+                ),
+                io.Int.Input(
+                    "columns",
+                    default=3,
+                    min=1,
+                    max=16,
+                    tooltip="grid: panels per row. classic comic: the most panels in one row. Ignored by the four-panel strip.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    tooltip="Chooses the classic comic's row pattern; the same seed always gives the same pages.",
+                ),
+                io.Combo.Input(
+                    "reading_order",
+                    options=list(READING_ORDERS),
+                    default=LEFT_TO_RIGHT,
+                    tooltip="right to left (manga) mirrors each page: the first panel is at the top right.",
+                ),
+                io.Int.Input("page_width", default=1024, min=64, max=16384, tooltip="Page width in pixels."),
+                io.Int.Input(
+                    "panels_per_page",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    tooltip="Panels on each page; more panels go on further pages. 0 puts all on one page. "
+                    "The four-panel strip always puts 4 on a page.",
+                ),
+                io.Int.Input("gutter", default=16, min=0, max=1024, tooltip="Space between panels, in pixels."),
+                io.Int.Input("margin", default=24, min=0, max=4096, tooltip="Space around the page's edge, in pixels."),
+                io.Int.Input(
+                    "caption_font_size",
+                    default=0,
+                    min=0,
+                    max=512,
+                    tooltip="Caption text size in pixels; 0 scales it to the page and the narrowest panel.",
+                ),
+                io.String.Input(
+                    "background_color",
+                    default="#FFFFFF",
+                    tooltip="Page colour as hex, like #FFFFFF. Caption text is black or white, whichever reads better on it.",
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="pages", tooltip="The comic pages, all the same size.")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        images,
+        captions: str,
+        layout: str,
+        columns: int,
+        seed: int,
+        reading_order: str,
+        page_width: int,
+        panels_per_page: int,
+        gutter: int,
+        margin: int,
+        caption_font_size: int,
+        background_color: str,
+    ) -> io.NodeOutput:
+        options = LayoutOptions(layout, columns, seed, reading_order, page_width, panels_per_page, gutter, margin)
+        return io.NodeOutput(compose_pages(images, captions, options, caption_font_size, background_color))
+
+
+NODES = [ComicPage]

@@ -1,0 +1,94 @@
+"""The Comic Page node as ComfyUI loaded it: its schema, its v3 execute, and a real graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+NODE = "ConsistentStoryComicPage"
+SETTINGS = dict(layout="classic comic", columns=3, seed=7, reading_order="left to right", page_width=256,
+                panels_per_page=3, gutter=6, margin=8, caption_font_size=0, background_color="#F0E8D8")
+
+
+@pytest.fixture(scope="module")
+def comic_page(comfy):
+    return comfy.NODE_CLASS_MAPPINGS[NODE]
+
+
+def run(node, images, captions="", **changes):
+    with torch.inference_mode():
+        return node.execute(images=images, captions=captions, **{**SETTINGS, **changes}).result[0]
+
+
+def random_panels(count=5):
+    return torch.rand(count, 48, 64, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_schema_is_documented(comfy, comic_page):
+    assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[NODE] == "Comic Page"
+    info = comic_page.GET_NODE_INFO_V1()
+    assert info["category"] == "consistent_story" and info["description"]
+    inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    assert set(inputs) == {"images", "captions", *SETTINGS}
+    assert all(spec[1].get("tooltip") for spec in inputs.values())
+    assert info["output"] == ["IMAGE"]
+
+
+def test_execute_returns_equal_sized_pages(comic_page):
+    pages = run(comic_page, random_panels(5), "The hero wakes\n\nA fox appears\n\nThe end")
+    assert pages.shape[0] == 2 and pages.shape[2:] == (256, 3) and pages.dtype == torch.float32
+    assert 0 <= pages.min() and pages.max() <= 1
+    background = torch.tensor([0xF0, 0xE8, 0xD8]) / 255
+    assert torch.allclose(pages[:, :8].reshape(-1, 3), background.expand(2 * 8 * 256, 3))
+
+
+def test_seed_and_reading_order_change_the_pages_deterministically(comic_page):
+    images = random_panels(5)
+    same = run(comic_page, images), run(comic_page, images)
+    assert torch.equal(*same)
+    manga = run(comic_page, images, reading_order="right to left (manga)")
+    assert manga.shape == same[0].shape and not torch.equal(manga, same[0])
+    other_seeds = [run(comic_page, images, seed=seed, panels_per_page=0) for seed in range(1, 6)]
+    assert any(not torch.equal(page, other_seeds[0]) for page in other_seeds[1:])
+
+
+@pytest.mark.parametrize(
+    "changes, captions, names",
+    [
+        (dict(background_color="papayawhip"), "", ["background_color"]),
+        (dict(), "a\nb\nc\nd\ne\nf", ["captions", "6", "5"]),
+        (dict(columns=16, layout="grid"), "", ["columns", "page_width"]),
+        (dict(margin=120), "", ["margin", "page_width"]),
+    ],
+)
+def test_bad_input_names_what_to_change(comic_page, changes, captions, names):
+    with pytest.raises(ValueError) as error:
+        run(comic_page, random_panels(5), captions, **changes)
+    assert all(name in str(error.value) for name in names)
+
+
+def comic_graph(background_color="#FFFFFF"):
+    from comfy_execution.graph_utils import GraphBuilder
+
+    g = GraphBuilder(prefix="")
+    images = g.node("EmptyImage", width=64, height=48, batch_size=6, color=0x3366CC)
+    captions = g.node("PrimitiveStringMultiline", value="One\nTwo\n\nFour\n")
+    page = g.node("ConsistentStoryComicPage", images=images.out(0), captions=captions.out(0),
+                  **{**SETTINGS, "layout": "four-panel strip", "background_color": background_color})
+    g.node("PreviewImage", images=page.out(0))
+    return g.finalize(), page.id
+
+
+def test_graph_with_wired_captions_runs_in_comfyui(graph_runner):
+    prompt, page_id = comic_graph()
+    pages = graph_runner(prompt).output(page_id)
+    assert pages.shape[0] == 2 and pages.shape[2:] == (256, 3)
+
+
+def test_graph_reports_bad_colour(graph_runner):
+    from harness.runner import GraphError
+
+    prompt, _ = comic_graph(background_color="#12")
+    with pytest.raises(GraphError, match="background_color"):
+        graph_runner(prompt)
