@@ -12,31 +12,21 @@ Nothing persists between calls; the patch object holds only its frozen config, a
 """
 from __future__ import annotations
 
-from ..attention import (
-    ConsistentAttentionError,
-    CSAConfig,
-    Step,
-    downsample_factor,
-    layer_active,
-    locate_step,
-    mix_seed,
-    plan_gather,
-)
+from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, Step, locate_step
 
 STATE_KEY = "consistent_story.csa"
 WRAPPER_KEY = "consistent_story.csa"
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
 OVERRIDE_KEY = "optimized_attention_override"
-BLOCK_KIND_IDS = {"input": 0, "middle": 1, "output": 2}
 
 
 class CallState:
-    """What one model call knows: its step, and the gather waiting for the next attention call."""
+    """One model call: its planner, and the gather waiting for the next attention call."""
 
-    __slots__ = ("step", "pending", "chained_override")
+    __slots__ = ("planner", "pending", "chained_override")
 
-    def __init__(self, step: Step, chained_override):
-        self.step = step
+    def __init__(self, planner: CallPlanner, chained_override):
+        self.planner = planner
         self.pending = None
         self.chained_override = chained_override
 
@@ -67,7 +57,8 @@ class ConsistentAttentionPatch:
 
     def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         options = dict(transformer_options)  # the caller's dict stays untouched
-        options[STATE_KEY] = CallState(current_step(options), options.get(OVERRIDE_KEY))
+        planner = CallPlanner(self.config, current_step(options))
+        options[STATE_KEY] = CallState(planner, options.get(OVERRIDE_KEY))
         options[OVERRIDE_KEY] = self.attention
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
@@ -76,28 +67,16 @@ class ConsistentAttentionPatch:
         state = extra_options.get(STATE_KEY)
         if state is None:
             return n, context, value
-        state.pending = None
         block = extra_options.get("block")
-        if block is None or not self.config.patches_block(block[0], block[1]):
-            return n, context, value
-        rows, tokens = n.shape[0], n.shape[1]
-        chunks = len(extra_options.get("cond_or_uncond") or [0])
-        if rows % chunks:
-            raise ConsistentAttentionError(
-                f"Consistent Self-Attention got {rows} rows for {chunks} conditioning chunks; something split "
-                "the panel batch (context windows over the batch?). Remove that node or CSA."
-            )
-        panels = rows // chunks
-        height, width = extra_options["original_shape"][-2:]
-        rate = self.config.rate_for(downsample_factor(height, width, tokens))
-        if panels < 2 or rate <= 0:
-            return n, context, value
-        layer = mix_seed(BLOCK_KIND_IDS.get(block[0], 3), block[1], extra_options.get("block_index", 0))
-        if layer_active(self.config, state.step, layer):
-            state.pending = plan_gather(
-                chunks, panels, tokens, rate, self.config.window,
-                seed=mix_seed(self.config.seed, state.step.index, layer), device=n.device,
-            )
+        state.pending = None if block is None else state.planner.plan(
+            block,
+            extra_options.get("block_index", 0),
+            rows=n.shape[0],
+            chunks=len(extra_options.get("cond_or_uncond") or [0]),
+            tokens=n.shape[1],
+            latent_hw=tuple(extra_options["original_shape"][-2:]),
+            device=n.device,
+        )
         return n, context, value
 
     def attention(self, func, q, k, v, heads, *args, **kwargs):

@@ -163,3 +163,20 @@ def test_bad_config_is_refused(kwargs, word):
 def test_mix_seed_is_stable():
     assert mix_seed(1, 2, 3) == mix_seed(1, 2, 3) != mix_seed(1, 2, 4)
     assert 0 <= mix_seed(2**70, -5) < 2**63
+
+
+def test_planner_shares_one_plan_per_resolution_and_respects_blocks():
+    from consistent_story.attention import CallPlanner
+
+    planner = CallPlanner(CSAConfig(schedule="always", seed=4), Step(3, 10))
+    args = dict(rows=8, chunks=2, latent_hw=(16, 16), device="cpu")
+    first = planner.plan(("output", 3), 0, tokens=64, **args)
+    assert first is not None and first.rows == 8 and first.extra == 3 * 32
+    assert planner.plan(("output", 4), 1, tokens=64, **args) is first, "one draw per step and resolution"
+    assert planner.plan(("output", 0), 0, tokens=16, **args) is not first
+    assert planner.plan(("middle", 0), 0, tokens=64, **args) is None, "output blocks only by default"
+    assert planner.plan(("output", 3), 0, tokens=64, rows=2, chunks=2, latent_hw=(16, 16), device="cpu") is None
+    again = CallPlanner(CSAConfig(schedule="always", seed=4), Step(3, 10)).plan(("output", 5), 0, tokens=64, **args)
+    assert torch.equal(again.index, first.index), "seeded by (seed, step, resolution)"
+    with pytest.raises(ConsistentAttentionError, match="conditioning chunks"):
+        planner.plan(("output", 3), 0, tokens=64, rows=7, chunks=2, latent_hw=(16, 16), device="cpu")
