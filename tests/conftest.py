@@ -1,0 +1,25 @@
+"""Test configuration: puts tests/ and scripts/ on sys.path and registers the harness fixtures.
+
+Unit tests (tests/unit) need only torch. Integration tests (tests/integration) use the
+``comfy`` fixture, which imports the real ComfyUI found by scripts/comfy_host.py and fails
+the test, never skips it, when there is none.
+"""
+import os
+import sys
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+for path in (TESTS_DIR, REPO_ROOT / "scripts"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+# Two cores in CI: one intra-op pool of that size, no oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+pytest_plugins = [
+    "harness.comfy_env",
+    "harness.checkpoints",
+    "harness.runner",
+    "harness.server",
+]

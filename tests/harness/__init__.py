@@ -1,0 +1,1 @@
+"""Shared test machinery: the real ComfyUI host, random-weight checkpoints, graph runners."""
