@@ -21,12 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConsistentAttentionError, CSAConfig
-from .layers import downsample_factor
-from .schedule import Step, layer_active, mix_seed
-from .tokens import GatherPlan, plan_gather
-
-# Must equal nodes/csa_patch.py BLOCK_KIND_IDS: part of every layer's seed on both hosts.
-BLOCK_KIND_IDS = {"input": 0, "middle": 1, "output": 2}
+from .planner import CallPlanner
+from .schedule import Step
+from .tokens import GatherPlan
 
 
 @dataclass(frozen=True)
@@ -38,8 +35,8 @@ class LayerId:
     block_index: int
 
     @property
-    def seed(self) -> int:
-        return mix_seed(BLOCK_KIND_IDS[self.kind], self.number, self.block_index)
+    def block(self) -> tuple[str, int]:
+        return (self.kind, self.number)
 
 
 def comfy_self_attention_layers(unet) -> list[tuple[LayerId, torch.nn.Module]]:
@@ -88,8 +85,8 @@ class ConsistentAttentionState:
     config: the ``CSAConfig`` (replace it to change options; no reinstall needed).
     chunks: CFG halves per UNet batch: 2 with classifier-free guidance (rows ``[uncond; cond]``),
       1 without (``guidance_scale <= 1``). Row ``r`` is panel ``r % panels`` of chunk ``r // panels``.
-    step: the sampling step, ``Step(index, total)``. Set by hand, or located from each UNet call's
-      timestep in ``scheduler.timesteps`` when a scheduler is given.
+    step: the sampling step, ``Step(index, total)``. Set by hand before each UNet call, or found
+      from each call's timestep in ``scheduler.timesteps`` when a scheduler is given.
     latent_hw: the latent's (height, width), taken from each UNet call's ``sample``.
     """
 
@@ -101,44 +98,36 @@ class ConsistentAttentionState:
         self.scheduler = scheduler
         self.step = Step(0, 1)
         self.latent_hw: tuple[int, int] | None = None
+        self.planner: CallPlanner | None = None  # one per UNet call, as in ComfyUI
         self.layers: list[LayerId] = []
         self._undo: list = []
 
     def plan(self, layer: LayerId, hidden_states: torch.Tensor) -> GatherPlan | None:
-        """The gather for this layer and call, or None where CSA does not run (as in ComfyUI's patch)."""
-        config = self.config
-        if not config.patches_block(layer.kind, layer.number):
-            return None
-        rows, tokens = hidden_states.shape[0], hidden_states.shape[1]
-        if rows % self.chunks:
+        """The gather for this layer in the current UNet call, or None where it runs plain attention."""
+        if self.planner is None:
             raise ConsistentAttentionError(
-                f"Consistent Self-Attention got {rows} rows for {self.chunks} CFG chunks; set state.chunks to 1 "
-                "when guidance is off, 2 with classifier-free guidance."
+                "Consistent Self-Attention runs inside a UNet call: call the UNet, not its layers."
             )
-        if self.latent_hw is None:
-            raise ConsistentAttentionError("the latent size is unknown: call the UNet itself, or set state.latent_hw.")
-        panels = rows // self.chunks
-        rate = config.rate_for(downsample_factor(*self.latent_hw, tokens))
-        if panels < 2 or rate <= 0 or not layer_active(config, self.step, layer.seed):
-            return None
-        return plan_gather(
-            self.chunks, panels, tokens, rate, config.window,
-            seed=mix_seed(config.seed, self.step.index, layer.seed), device=hidden_states.device,
+        return self.planner.plan(
+            layer.block, layer.block_index, rows=hidden_states.shape[0], chunks=self.chunks,
+            tokens=hidden_states.shape[1], latent_hw=self.latent_hw, device=hidden_states.device,
         )
 
     def observe_unet_call(self, unet, args, kwargs) -> None:
-        """UNet forward pre-hook: the latent size, and the step when a scheduler is known."""
+        """UNet forward pre-hook: the latent size, the step (when a scheduler is known), a fresh planner."""
         sample = args[0] if args else kwargs["sample"]
         self.latent_hw = tuple(sample.shape[-2:])
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         timesteps = getattr(self.scheduler, "timesteps", None)
         if timesteps is not None and timestep is not None and len(timesteps):
             self.step = nearest_step(timestep, timesteps)
+        self.planner = CallPlanner(self.config, self.step)
 
     def remove(self) -> None:
         """Give every attn1 its previous processor back and stop observing the UNet."""
         while self._undo:
             self._undo.pop()()
+        self.planner = None
 
 
 def nearest_step(timestep, timesteps) -> Step:
@@ -159,11 +148,12 @@ class ConsistentSelfAttnProcessor:
     # The same parameters as AttnProcessor2_0: diffusers filters cross_attention_kwargs by them.
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         plan = None
-        if encoder_hidden_states is None:  # attn1 fed another context (only_cross_attention) is left alone, as in ComfyUI
+        if encoder_hidden_states is None:  # attn1 fed another context (only_cross_attention): left alone, as in ComfyUI
             plan = self.state.plan(self.layer, hidden_states)
         if plan is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        if attention_mask is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+        plain = hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None
+        if attention_mask is not None or not plain:
             raise ConsistentAttentionError(
                 f"Consistent Self-Attention on {self.layer}: this self-attention call has an attention mask or a "
                 "non-token input, which CSA does not extend. Leave this block out of the config's blocks."
@@ -191,7 +181,9 @@ def extended_self_attention(attn, hidden_states: torch.Tensor, plan: GatherPlan)
     return out / attn.rescale_output_factor
 
 
-def install_consistent_attention(unet, config: CSAConfig, *, chunks: int = 2, scheduler=None) -> ConsistentAttentionState:
+def install_consistent_attention(
+    unet, config: CSAConfig, *, chunks: int = 2, scheduler=None
+) -> ConsistentAttentionState:
     """Give every attn1 of ``unet`` a CSA processor sharing one state; returns that state.
 
     chunks: 2 when the pipeline uses classifier-free guidance, 1 when it does not.
