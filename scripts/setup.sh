@@ -33,6 +33,9 @@ sys.exit(0 if [version(n).split("+")[0] for n in ("torch", "torchvision")] == ["
 fi
 
 if ! comfy_dir="$("$py" "$repo/scripts/comfy_host.py" 2>/dev/null)"; then
+  if [ -n "${COMFYUI_PATH:-}" ]; then
+    "$py" "$repo/scripts/comfy_host.py" || exit 1   # an explicit path that is wrong: say so, install nothing
+  fi
   say "ComfyUI not found; trying comfy-cli to install it into ~/comfy/ComfyUI"
   if "$py" -m pip install --quiet comfy-cli >/dev/null 2>&1 &&
      timeout 900 "$venv/bin/comfy" --skip-prompt --workspace="$HOME/comfy/ComfyUI" install --cpu --skip-manager --skip-torch-or-directml >&2; then
