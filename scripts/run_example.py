@@ -1,0 +1,222 @@
+"""Run an example comic workflow headless, in-process, and print the path of the saved page.
+
+    python scripts/run_example.py                          # workflows/comic_sd15.json
+    python scripts/run_example.py --workflow workflows/comic_sdxl.json --full
+
+The workflow file is converted to an API prompt with the live node definitions of the ComfyUI
+that scripts/comfy_host.py finds (this pack loaded as a custom node) and executed by ComfyUI's
+own executor. Pages go to that ComfyUI's output folder unless --output is given.
+
+Checkpoint: the workflow's own if it is in ComfyUI's checkpoint folders, else the first one there
+of the workflow's family (SD1.5 or SDXL, as ComfyUI detects it), else a small RANDOM-WEIGHT
+checkpoint built once into ~/.cache/consistent-story/checkpoints. A random-weight model draws
+noise, not a comic: the run then only shows that the whole graph works.
+
+On a CPU, or with random weights, the panels are made small and few steps are taken unless
+--full is given; the script says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for path in (REPO_ROOT / "tests", REPO_ROOT / "scripts"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "comic_sd15.json"
+RANDOM_CHECKPOINT_DIR = Path("~/.cache/consistent-story/checkpoints").expanduser()
+
+
+class Family(NamedTuple):
+    label: str
+    model_classes: set[str]  # comfy.supported_models classes of the family
+    random_kind: str  # the random-weight stand-in built when no checkpoint of the family is found
+
+
+FAMILIES = {
+    "sd15": Family("SD1.5", {"SD15"}, "sd15_small"),
+    "sdxl": Family("SDXL", {"SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"}, "vega_small"),
+}
+QUICK_SIZE, QUICK_STEPS = 128, 4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW, help="UI-format workflow JSON (default: %(default)s)")
+    parser.add_argument("--output", type=Path, help="output folder (default: ComfyUI's output folder)")
+    parser.add_argument(
+        "--checkpoint",
+        help="checkpoint file name in ComfyUI's checkpoint folders (default: the workflow's if present, "
+        "else the first of its family, else random weights)",
+    )
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="model family of the workflow (default: from its file name)")
+    parser.add_argument("--full", action="store_true", help="keep the workflow's size and steps even on a CPU")
+    parser.add_argument("--size", type=int, default=QUICK_SIZE, help="panel size of a quick run (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=QUICK_STEPS, help="sampling steps of a quick run (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="show ComfyUI's log")
+    return parser.parse_args(argv)
+
+
+def say(message: str) -> None:
+    print(f"[run_example] {message}", flush=True)
+
+
+def warn(message: str) -> None:
+    bar = "!" * 78
+    print(f"{bar}\n{message}\n{bar}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ComfyUI
+# ----------------------------------------------------------------------------------------------
+def start_comfyui(session_dir: Path, output: Path | None, verbose: bool):
+    """ComfyUI in-process with the pack; CPU when there is no CUDA; outputs to the user's folder."""
+    import torch
+
+    from harness.comfy_env import import_comfyui
+
+    cpu = not torch.cuda.is_available()
+    # Quiet while ComfyUI imports (optional extra nodes it cannot import log tracebacks).
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
+    env = import_comfyui(session_dir, cpu=cpu)
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    import folder_paths
+
+    _load_extra_model_paths(env.comfy_dir)
+    output = output.resolve() if output else env.comfy_dir / "output"
+    output.mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(output))
+    return env, cpu
+
+
+def _load_extra_model_paths(comfy_dir: Path) -> None:
+    """The model folders the user configured for ComfyUI (main.py reads the same file)."""
+    config = comfy_dir / "extra_model_paths.yaml"
+    if config.is_file():
+        from utils.extra_config import load_extra_path_config
+
+        load_extra_path_config(str(config))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint
+# ----------------------------------------------------------------------------------------------
+def model_class(path: Path) -> str | None:
+    """The comfy.supported_models class ComfyUI would load a .safetensors file as, from its header only."""
+    import comfy.model_detection
+    import comfy.utils
+    import torch
+
+    if path.suffix not in (".safetensors", ".sft"):
+        return None
+    try:
+        header = json.loads(comfy.utils.safetensors_header(str(path)) or "{}")
+    except (OSError, ValueError, struct.error):
+        return None
+    # Tensors on the meta device carry shapes and no data: detection reads only shapes.
+    state_dict = {
+        key: torch.empty(entry["shape"], device="meta")
+        for key, entry in header.items()
+        if key != "__metadata__"
+    }
+    try:
+        config = comfy.model_detection.model_config_from_unet(state_dict, "model.diffusion_model.")
+    except Exception:  # not a UNet checkpoint ComfyUI knows
+        return None
+    return type(config).__name__ if config is not None else None
+
+
+def choose_checkpoint(wanted: str, family: str, requested: str | None) -> tuple[str, bool]:
+    """(ckpt_name, random weights?) following the order in the module docstring."""
+    import folder_paths
+
+    available = folder_paths.get_filename_list("checkpoints")
+    if requested:
+        if requested not in available:
+            raise SystemExit(f"--checkpoint {requested} is not in ComfyUI's checkpoint folders: {available or 'none'}.")
+        return requested, False
+    if wanted in available:
+        return wanted, False
+    for name in available:
+        if model_class(Path(folder_paths.get_full_path("checkpoints", name))) in FAMILIES[family].model_classes:
+            say(f"{wanted} is not installed; using {name}, the first {FAMILIES[family].label} checkpoint found.")
+            return name, False
+    return random_checkpoint(FAMILIES[family].random_kind), True
+
+
+def random_checkpoint(kind: str) -> str:
+    import folder_paths
+
+    from harness.checkpoints import build_checkpoint
+
+    path = RANDOM_CHECKPOINT_DIR / f"random_{kind}.safetensors"
+    if not path.exists():
+        say(f"building a random-weight '{kind}' checkpoint into {path.parent} (once)...")
+        build_checkpoint(kind, path)
+    folder_paths.add_model_folder_path("checkpoints", str(path.parent))
+    return path.name
+
+
+def family_of(workflow_path: Path) -> str:
+    return "sdxl" if "sdxl" in workflow_path.stem.lower() else "sd15"
+
+
+# ----------------------------------------------------------------------------------------------
+# Main job
+# ----------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="consistent_story_run_") as session:
+        env, cpu = start_comfyui(Path(session), args.output, args.verbose)
+        say(f"ComfyUI {env.comfy_dir} loaded on {'CPU' if cpu else 'GPU'} in {time.monotonic() - began:.1f} s")
+
+        from harness.runner import run_prompt
+        from harness.workflow import load_workflow, node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, workflow_node_types
+
+        workflow = load_workflow(args.workflow)
+        prompt = ui_to_api(workflow, node_definitions(env.NODE_CLASS_MAPPINGS, workflow_node_types(workflow)))
+        wanted = next(iter(nodes_of_type(prompt, "CheckpointLoaderSimple").values()))["inputs"]["ckpt_name"]
+        family = args.family or family_of(args.workflow)
+        ckpt_name, random_weights = choose_checkpoint(wanted, family, args.checkpoint)
+        set_widgets(prompt, "CheckpointLoaderSimple", ckpt_name=ckpt_name)
+        say(f"workflow {args.workflow.name}, checkpoint {ckpt_name}")
+
+        if random_weights:
+            warn(
+                f"No {FAMILIES[family].label} checkpoint found in ComfyUI's models/checkpoints: using a RANDOM-WEIGHT model.\n"
+                "It draws NOISE, not a comic: this run only shows that the whole workflow executes.\n"
+                f"Put a real {FAMILIES[family].label} checkpoint (e.g. {wanted}) into ComfyUI's "
+                "models/checkpoints for real pictures."
+            )
+        if (cpu or random_weights) and not args.full:
+            shrink(prompt, args.size, args.steps)
+            latent = next(iter(nodes_of_type(prompt, "EmptyLatentImage").values()))["inputs"]
+            warn(
+                f"QUICK RUN: panels shrunk to {latent['width']}x{latent['height']} px and {args.steps} sampling steps "
+                f"({'CPU' if cpu else 'random weights'}).\nPass --full to keep the workflow's own size and steps."
+            )
+
+        started = time.monotonic()
+        # As the frontend does: the saved page carries the workflow, so dropping it on ComfyUI opens it.
+        result = run_prompt(prompt, {"extra_pnginfo": {"workflow": workflow}})
+        say(f"workflow executed in {time.monotonic() - started:.1f} s (total {time.monotonic() - began:.1f} s)")
+        save_id = next(iter(nodes_of_type(prompt, "SaveImage")))
+        pages = result.image_paths(save_id)
+        for page in pages:
+            print(f"Comic page: {page}")
+    return 0 if pages else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

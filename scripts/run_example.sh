@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up the environment (scripts/setup.sh) and run the example comic workflow headless.
+#
+#   bash scripts/run_example.sh                          # workflows/comic_sd15.json
+#   bash scripts/run_example.sh --workflow workflows/comic_sdxl.json --full
+#
+# Arguments go to scripts/run_example.py (see --help); its last line is the saved page's path.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="$(bash "$repo/scripts/setup.sh" | tail -n 1)"
+exec "$py" "$repo/scripts/run_example.py" "$@"

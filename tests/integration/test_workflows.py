@@ -1,0 +1,215 @@
+"""Every shipped workflow (workflows/*.json, UI format) converts with the live node definitions and runs.
+
+The files themselves are converted (tests/harness/workflow.py) and executed in-process on a
+random-weight checkpoint of the same family, at 64 px and 2 steps. Outputs are noise: the checks
+are on structure (panel and page counts and sizes, saved files).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from harness.workflow import (
+    BYPASSED, MUTED, WorkflowError, load_workflow, node_definitions, nodes_of_type, set_widgets, shrink,
+    ui_to_api, widget_inputs, workflow_node_types,
+)
+
+pytestmark = pytest.mark.integration
+
+WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+# The CPU test checkpoint standing in for each workflow's model family.
+TEST_CHECKPOINT = {"comic_sd15": "sd15_small", "comic_sdxl": "vega_small"}
+SIZE, STEPS = 64, 2
+THUMBNAIL_MAX_BYTES = 60_000
+MODEL_FILE_WIDGETS = {"ckpt_name"}
+
+
+def by_name(paths):
+    return pytest.mark.parametrize("path", paths, ids=[path.stem for path in paths])
+
+
+def one(prompt: dict, class_type: str) -> tuple[str, dict]:
+    found = nodes_of_type(prompt, class_type)
+    assert len(found) == 1, f"expected one {class_type}, found {len(found)}"
+    return next(iter(found.items()))
+
+
+def ui_node(workflow: dict, node_type: str) -> dict:
+    return next(node for node in workflow["nodes"] if node["type"] == node_type)
+
+
+@pytest.fixture(scope="module")
+def definitions(comfy):
+    """/object_info of the node types the shipped workflows use."""
+    types = set().union(*(workflow_node_types(load_workflow(path)) for path in WORKFLOWS))
+    return node_definitions(comfy.NODE_CLASS_MAPPINGS, types)
+
+
+@pytest.fixture()
+def sd15(definitions):
+    """The shipped SD1.5 workflow and its conversion."""
+    workflow = load_workflow(WORKFLOW_DIR / "comic_sd15.json")
+    return workflow, ui_to_api(workflow, definitions)
+
+
+# ----------------------------------------------------------------------------------------------
+# The files
+# ----------------------------------------------------------------------------------------------
+def test_workflows_exist_and_each_has_a_test_checkpoint():
+    assert WORKFLOWS, f"no workflows in {WORKFLOW_DIR}"
+    missing = [path.stem for path in WORKFLOWS if path.stem not in TEST_CHECKPOINT]
+    assert not missing, f"add the test checkpoint kind of {missing} to TEST_CHECKPOINT"
+
+
+@by_name(WORKFLOWS)
+def test_workflow_has_a_small_jpeg_thumbnail(path):
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{thumbnail.name} missing: the template browser shows it next to {path.name}"
+    assert thumbnail.stat().st_size < THUMBNAIL_MAX_BYTES
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and 200 <= image.width <= 800 and 150 <= image.height <= 800
+
+
+@by_name(WORKFLOWS)
+def test_workflow_links_agree_with_node_slots(path):
+    workflow = load_workflow(path)
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    assert workflow["version"] == 0.4 and len(nodes) == len(workflow["nodes"])
+    assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= max(l[0] for l in workflow["links"])
+    for link_id, origin, out_slot, target, in_slot, kind in workflow["links"]:
+        output, entry = nodes[origin]["outputs"][out_slot], nodes[target]["inputs"][in_slot]
+        assert link_id in output["links"] and entry["link"] == link_id
+        assert output["type"] == entry["type"] == kind
+    link_ids = {link[0] for link in workflow["links"]}
+    used_in = [e["link"] for n in workflow["nodes"] for e in n.get("inputs", []) if e.get("link") is not None]
+    used_out = [i for n in workflow["nodes"] for o in n.get("outputs", []) for i in o.get("links") or []]
+    assert sorted(used_in) == sorted(used_out) == sorted(link_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The converter
+# ----------------------------------------------------------------------------------------------
+def test_conversion_stores_valid_widget_values_under_their_names(sd15, definitions):
+    """Widget values land on the right inputs: the frontend's control_after_generate values are skipped."""
+    workflow, prompt = sd15
+    assert {node["class_type"] for node in prompt.values()} == workflow_node_types(workflow)
+    assert "Note" not in workflow_node_types(workflow) and any(n["type"] == "Note" for n in workflow["nodes"])
+    python_types = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
+    for node_id, node in prompt.items():
+        for widget in widget_inputs(definitions[node["class_type"]]):
+            value = node["inputs"][widget.name]
+            if isinstance(value, list) or widget.name in MODEL_FILE_WIDGETS:
+                continue  # linked, or a model file this machine does not have
+            where = (node["class_type"], widget.name, value)
+            if widget.kind == "COMBO":
+                assert value in widget.options["options"], where
+            else:
+                assert isinstance(value, python_types[widget.kind]), where
+                assert isinstance(value, bool) == (widget.kind == "BOOLEAN"), where
+    assert prompt[one(prompt, "KSampler")[0]]["inputs"]["steps"] == ui_node(workflow, "KSampler")["widgets_values"][2]
+
+
+def test_conversion_wires_converted_widgets(sd15):
+    _, prompt = sd15
+    story_id, _ = one(prompt, "ConsistentStoryPrompts")
+    assert one(prompt, "EmptyLatentImage")[1]["inputs"]["batch_size"] == [story_id, 2]
+    assert one(prompt, "ConsistentStoryComicPage")[1]["inputs"]["captions"] == [story_id, 3]
+    csa_id, _ = one(prompt, "ConsistentStorySelfAttention")
+    assert one(prompt, "KSampler")[1]["inputs"]["model"] == [csa_id, 0]
+
+
+def test_bypassed_node_passes_its_input_through(sd15, definitions):
+    workflow, _ = sd15
+    ui_node(workflow, "ConsistentStorySelfAttention")["mode"] = BYPASSED
+    prompt = ui_to_api(workflow, definitions)
+    assert not nodes_of_type(prompt, "ConsistentStorySelfAttention")
+    assert one(prompt, "KSampler")[1]["inputs"]["model"] == [one(prompt, "CheckpointLoaderSimple")[0], 0]
+
+
+def test_muted_node_and_its_links_are_left_out(sd15, definitions):
+    workflow, _ = sd15
+    ui_node(workflow, "ConsistentStorySelfAttention")["mode"] = MUTED
+    prompt = ui_to_api(workflow, definitions)
+    assert not nodes_of_type(prompt, "ConsistentStorySelfAttention")
+    assert "model" not in one(prompt, "KSampler")[1]["inputs"]
+
+
+def test_reroute_is_followed_and_primitive_value_used(sd15, definitions):
+    workflow, expected = sd15
+    rerouted = copy.deepcopy(workflow)
+    decode_link = ui_node(rerouted, "ConsistentStoryComicPage")["inputs"][0]["link"]
+    link = next(link for link in rerouted["links"] if link[0] == decode_link)
+    reroute_id, new_link = 1000, 1000
+    rerouted["nodes"].append({"id": reroute_id, "type": "Reroute", "mode": 0, "widgets_values": None,
+                              "inputs": [{"name": "", "type": "*", "link": decode_link}],
+                              "outputs": [{"name": "", "type": "IMAGE", "links": [new_link]}]})
+    rerouted["links"].append([new_link, reroute_id, 0, link[3], link[4], "IMAGE"])
+    link[3:5] = [reroute_id, 0]
+    ui_node(rerouted, "ConsistentStoryComicPage")["inputs"][0]["link"] = new_link
+    assert ui_to_api(rerouted, definitions) == expected
+
+    latent = ui_node(workflow, "EmptyLatentImage")
+    batch_link = latent["inputs"][0]["link"]
+    workflow["nodes"].append({"id": 1001, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [3, "fixed"],
+                              "outputs": [{"name": "INT", "type": "INT", "links": [batch_link], "widget": {"name": "batch_size"}}]})
+    next(link for link in workflow["links"] if link[0] == batch_link)[1:3] = [1001, 0]
+    assert one(ui_to_api(workflow, definitions), "EmptyLatentImage")[1]["inputs"]["batch_size"] == latent["widgets_values"][2]
+
+
+def test_unknown_node_type_is_named(sd15, definitions):
+    workflow, _ = sd15
+    ui_node(workflow, "VAEDecode")["type"] = "NoSuchNodeAnywhere"
+    with pytest.raises(WorkflowError, match="NoSuchNodeAnywhere"):
+        ui_to_api(workflow, definitions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running every workflow
+# ----------------------------------------------------------------------------------------------
+def expected_page_count(page_inputs: dict, panels: int) -> int:
+    per_page = 4 if page_inputs["layout"] == "four-panel strip" else page_inputs["panels_per_page"]
+    return math.ceil(panels / per_page) if per_page else 1
+
+
+def min_page_height(page_inputs: dict) -> int:
+    """Margins and one row of square panels, each at least a full row's share of the width."""
+    per_row = 2 if page_inputs["layout"] == "four-panel strip" else page_inputs["columns"]
+    margin, gutter = page_inputs["margin"], page_inputs["gutter"]
+    return 2 * margin + (page_inputs["page_width"] - 2 * margin - (per_row - 1) * gutter) // per_row
+
+
+@by_name(WORKFLOWS)
+def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner):
+    workflow = load_workflow(path)
+    types = workflow_node_types(workflow)
+    absent = sorted(t for t in types if t not in comfy.NODE_CLASS_MAPPINGS)
+    assert not absent, f"{path.name} uses node types this ComfyUI does not have: {absent}"
+    prompt = ui_to_api(workflow, node_definitions(comfy.NODE_CLASS_MAPPINGS, types))
+    set_widgets(prompt, "CheckpointLoaderSimple", ckpt_name=checkpoints[TEST_CHECKPOINT[path.stem]])
+    shrink(prompt, SIZE, STEPS)
+
+    result = graph_runner(prompt)
+
+    story_id, _ = one(prompt, "ConsistentStoryPrompts")
+    panel_count = result.output(story_id, 2)
+    assert panel_count >= 2
+    panels = result.output(one(prompt, "VAEDecode")[0])
+    assert panels.shape == (panel_count, SIZE, SIZE, 3), "one decoded panel per story panel"
+    preview_id, _ = one(prompt, "PreviewImage")
+    assert len(result.image_paths(preview_id)) == panel_count
+
+    page_id, page = one(prompt, "ConsistentStoryComicPage")
+    pages = result.output(page_id)
+    count, width = expected_page_count(page["inputs"], panel_count), page["inputs"]["page_width"]
+    assert pages.shape[0] == count and pages.shape[2] == width
+    assert pages.shape[1] >= min_page_height(page["inputs"])
+    saved = result.image_paths(one(prompt, "SaveImage")[0])
+    assert len(saved) == count
+    for file in saved:
+        with Image.open(file) as image:
+            assert image.format == "PNG" and image.size == (width, pages.shape[1])
