@@ -288,3 +288,15 @@ if pytest is not None:
         folder_paths.add_model_folder_path("checkpoints", str(folder), is_default=True)
         yield SessionCheckpoints(folder)
         shutil.rmtree(folder, ignore_errors=True)
+
+    @pytest.fixture(scope="session")
+    def loaded(comfy, checkpoints):
+        """``loaded(kind) -> (model, clip)`` through CheckpointLoaderSimple, once per kind and session."""
+        cache = {}
+
+        def load(kind: str):
+            if kind not in cache:
+                cache[kind] = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(checkpoints[kind])[:2]
+            return cache[kind]
+
+        return load

@@ -61,20 +61,12 @@ class FirstStepPredictions(SharedAcrossClones):
         return args["denoised"]
 
 
-@pytest.fixture(scope="module")
-def loaded(comfy, checkpoints):
-    cache = {}
-
-    def load(kind):
-        if kind not in cache:
-            cache[kind] = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(checkpoints[kind])[:2]
-        return cache[kind]
-
-    return load
-
-
-def encode(comfy, clip, text):
-    return comfy.nodes.CLIPTextEncode().encode(clip, text)[0]
+def encode(comfy, clip, text, _cache={}):
+    """CLIPTextEncode, memoised per (clip, text): CLIP-G on the CPU costs seconds per prompt."""
+    key = (id(clip), text)
+    if key not in _cache:
+        _cache[key] = (clip, comfy.nodes.CLIPTextEncode().encode(clip, text)[0])
+    return _cache[key][1]
 
 
 def patch(comfy, model, **options):

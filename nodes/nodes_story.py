@@ -1,0 +1,170 @@
+"""The Story Prompts node: story text -> one CONDITIONING whose row i is panel i's prompt.
+
+ComfyUI maps row i of a conditioning tensor to row i of the latent batch
+(``comfy.utils.repeat_to_batch_size``; a shorter batch silently tiles), but no core node builds
+a batch of different prompts. Here each panel is encoded alone, exactly as CLIPTextEncode would,
+and the rows are stacked into one entry.
+"""
+from __future__ import annotations
+
+import math
+
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from .story_prompts import DEFAULT_STYLE, EXAMPLE_STORY, STYLE_NAMES, parse_story
+
+# The parsed story_prompts.Story, for nodes that need the characters of each panel (reference bank).
+StoryType = io.Custom("CONSISTENT_STORY")
+
+# Most times a row is repeated to reach the common token length (see repeat_tokens).
+MAX_TOKEN_REPEATS = 12
+
+
+def encode(clip, text: str) -> dict:
+    """CLIPTextEncode's encoding of one text: {"cond": [1, L, D], "pooled_output": [1, P], ...}."""
+    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+
+
+def common_token_length(lengths: list[int]) -> int:
+    common = math.lcm(*lengths)
+    if common > MAX_TOKEN_REPEATS * min(lengths):
+        raise ValueError(
+            f"The prompts encode to {sorted(set(lengths))} tokens. Batching them unchanged means repeating each "
+            f"to their least common multiple, {common} tokens, more than {MAX_TOKEN_REPEATS}x the shortest. "
+            "Shorten the longest panel prompts or character descriptions (or the style) so they fit fewer "
+            "77-token chunks."
+        )
+    return common
+
+
+def repeat_tokens(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Repeat the token sequence (dim 1) whole up to ``length``.
+
+    Cross-attention over a sequence repeated k times equals attention over the sequence: every
+    key/value pair appears k times, so each softmax weight is split evenly among identical copies.
+    Zero padding would not be neutral (a zero key scores 0, not -inf, and takes weight). This is
+    how ComfyUI itself pads conds of different lengths (comfy/conds.py, CONDCrossAttn.concat).
+    """
+    return tensor.repeat(1, length // tensor.shape[1], *([1] * (tensor.dim() - 2)))
+
+
+def batch_encodings(encodings: list[dict], length: int) -> list:
+    """One CONDITIONING entry [cond, extras] whose row i is ``encodings[i]``, tokens at ``length``.
+
+    Extras keep CLIPTextEncode's keys: per-row tensors (pooled_output [B, P]) are stacked, an
+    attention mask is repeated like its tokens, shared values (hooks of the one CLIP) kept once.
+    """
+    rows = [repeat_tokens(e["cond"], length) for e in encodings]
+    extras = {key: _batch_extra(key, [e.get(key) for e in encodings], length) for key in encodings[0] if key != "cond"}
+    return [torch.cat(rows), extras]
+
+
+def _batch_extra(key: str, values: list, length: int):
+    first = values[0]
+    if all(value is None for value in values):
+        return None
+    if all(isinstance(value, torch.Tensor) and value.shape[0] == 1 for value in values):
+        if key == "attention_mask":
+            values = [repeat_tokens(value, length) for value in values]
+        if all(value.shape == values[0].shape for value in values):
+            return torch.cat(values)
+    elif all(value is first or (not isinstance(value, torch.Tensor) and value == first) for value in values):
+        return first
+    raise ValueError(
+        f"This text encoder returns '{key}' in a form that cannot be batched per panel. Story Prompts supports "
+        "CLIP text encoders (SD1.5 and SDXL families); for other models, encode each panel with CLIPTextEncode."
+    )
+
+
+class StoryPrompts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentStoryPrompts",
+            display_name="Story Prompts",
+            category="consistent_story",
+            description=(
+                "Writes a whole story in one box: '[Name] description' lines define characters, every other line "
+                "is a panel ('[Name]' is replaced by the description, '[NC]' = no character, text after '#' is the "
+                "caption). Encodes every panel in the chosen style into ONE conditioning whose row i is panel i: "
+                "set the latent batch size to panel_count so each image gets its own prompt."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP text encoder of the checkpoint."),
+                io.String.Input(
+                    "story", multiline=True, default=EXAMPLE_STORY,
+                    tooltip="One item per line; blank lines are ignored. '[Bob] a man in a red coat' (a name not "
+                    "defined before, alone on its line) defines Bob. Every other line is a panel: '[Bob] reads the "
+                    "paper # The news!' puts Bob's description in the prompt and 'The news!' in the caption. Any "
+                    "number of characters per panel (the official app allows 2). '[NC] a forest at night' = panel "
+                    "without character. Names: letters, digits, spaces, _ and -.",
+                ),
+                io.Combo.Input(
+                    "style", options=list(STYLE_NAMES), default=DEFAULT_STYLE,
+                    tooltip="Style template wrapped around every panel prompt, with its own negative prompt (the "
+                    "styles of the official StoryDiffusion app). 'Custom' uses custom_style.",
+                ),
+                io.String.Input(
+                    "custom_style", optional=True, default="watercolor storybook illustration of {prompt}, soft colors",
+                    tooltip="Template for style 'Custom' (ignored otherwise); {prompt} is replaced by each panel's "
+                    "prompt and must be present.",
+                ),
+                io.String.Input(
+                    "negative", multiline=True, default="",
+                    tooltip="Negative prompt for every panel, joined with the style's negative prompt.",
+                ),
+            ],
+            outputs=[
+                io.Conditioning.Output(
+                    "positive", display_name="positive",
+                    tooltip="One entry, one row per panel: connect to the sampler's positive.",
+                ),
+                io.Conditioning.Output(
+                    "negative_out", display_name="negative",
+                    tooltip="The negative prompt encoded once (batch 1; ComfyUI repeats it for every panel).",
+                ),
+                io.Int.Output(
+                    "panel_count", display_name="panel_count",
+                    tooltip="Number of panels: wire it to the latent's batch_size.",
+                ),
+                io.String.Output(
+                    "captions", display_name="captions",
+                    tooltip="One caption per panel, newline-separated; an empty line where a panel has none.",
+                ),
+                StoryType.Output(
+                    "parsed_story", display_name="story",
+                    tooltip="The parsed story (characters and the characters of each panel) for other Consistent "
+                    "Story nodes.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, story, style, negative, custom_style="") -> io.NodeOutput:
+        if clip is None:
+            raise ValueError(
+                "The clip input is empty: the checkpoint has no text encoder. Load one with a CLIP loader."
+            )
+        parsed = parse_story(story, style, custom_style, negative)
+        # The negative is one prompt: batch 1 is tiled to any batch by repeat_to_batch_size, so the
+        # same output also fits a latent batch that differs from panel_count.
+        negative_encoding = encode(clip, parsed.negative)
+        progress = comfy.utils.ProgressBar(len(parsed.panels))
+        encodings = []
+        for panel in parsed.panels:
+            encodings.append(encode(clip, panel.prompt))
+            progress.update(1)
+        # Positive and negative share one token length so the sampler can run them in one batch.
+        length = common_token_length([e["cond"].shape[1] for e in encodings + [negative_encoding]])
+        return io.NodeOutput(
+            [batch_encodings(encodings, length)],
+            [batch_encodings([negative_encoding], length)],
+            len(parsed.panels),
+            "\n".join(parsed.captions),
+            parsed,
+        )
+
+
+NODES = [StoryPrompts]

@@ -1,0 +1,113 @@
+"""The Story Prompts node on real ComfyUI text encoders (random weights) and real samplers.
+
+Row i of the node's positive must be exactly what core CLIPTextEncode gives for panel i alone
+(repeated whole to the common token length), and must steer row i of the latent batch only.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.runner import ksampler_graph
+
+pytestmark = pytest.mark.integration
+
+NODE = "ConsistentStoryPrompts"
+POOLED_WIDTH = {"sd15_small": 768, "vega_small": 1280}
+LONG = ", ".join(["tall pine trees"] * 30)  # about 120 tokens: two 77-token chunks
+# Two panels of different token lengths (77 and 154): as few encodes as the checks need.
+STORY = f"""
+[Bob] a man with short black hair, red coat
+[Alice] a woman in a green dress
+
+[Bob] and [Alice] read a newspaper at home # Big news.
+[NC] a dark forest, {LONG}
+"""
+
+
+def run_node(comfy, clip, story, style="No style", negative="blurry", custom_style=""):
+    with torch.inference_mode():
+        return comfy.NODE_CLASS_MAPPINGS[NODE].execute(
+            clip=clip, story=story, style=style, negative=negative, custom_style=custom_style
+        ).result
+
+
+def core_encode(comfy, clip, text):
+    with torch.inference_mode():
+        return comfy.nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def repeated(tensor, length):
+    return tensor.repeat(1, length // tensor.shape[1], *([1] * (tensor.dim() - 2)))
+
+
+@pytest.mark.parametrize("kind", POOLED_WIDTH)
+def test_row_i_is_panel_i_alone_in_the_cond_and_in_the_sampler(kind, comfy, loaded):
+    model, clip = loaded(kind)
+    positive, negative, panel_count, captions, story = run_node(comfy, clip, STORY)
+    assert (panel_count, captions) == (2, "Big news.\n")
+    [[cond, extras]] = positive
+    assert cond.shape[:2] == (panel_count, 154)
+    assert extras["pooled_output"].shape == (panel_count, POOLED_WIDTH[kind])
+
+    # Each row is CLIPTextEncode of its panel alone, repeated whole to the common length.
+    alone = [core_encode(comfy, clip, panel.prompt) for panel in story.panels]
+    assert [c[0][0].shape[1] for c in alone] == [77, 154]
+    for index, [[core_cond, core_extras]] in enumerate(alone):
+        assert extras.keys() == core_extras.keys()
+        assert torch.equal(cond[index : index + 1], repeated(core_cond, 154))
+        assert torch.equal(extras["pooled_output"][index : index + 1], core_extras["pooled_output"])
+    [[negative_cond, negative_extras]] = negative
+    [[core_negative, core_negative_extras]] = core_encode(comfy, clip, story.negative)
+    assert negative_cond.shape == (1, 154, cond.shape[2])
+    assert torch.equal(negative_cond, repeated(core_negative, 154))
+    assert torch.equal(negative_extras["pooled_output"], core_negative_extras["pooled_output"])
+
+    # Sampling: the last row follows its own prompt (a batch-1 cond would tile panel 0 onto it).
+    latent = {"samples": torch.zeros(panel_count, 4, 8, 8)}
+
+    def sample(conditioning):
+        with torch.inference_mode():
+            return comfy.nodes.common_ksampler(model, 7, 2, 5.0, "euler", "normal", conditioning, negative, latent)[0]
+
+    batch, reference = sample(positive)["samples"], sample(alone[1])["samples"]
+    assert batch.shape == (panel_count, 4, 8, 8) and torch.isfinite(batch).all()
+    torch.testing.assert_close(batch[1], reference[1])
+    assert (batch[0] - reference[0]).abs().max() > 1e-3
+
+
+def test_default_story_in_a_graph_with_batch_wired_to_panel_count(comfy, checkpoints, graph_runner):
+    schema = comfy.NODE_CLASS_MAPPINGS[NODE].GET_SCHEMA()
+    default_story = next(i.default for i in schema.inputs if i.id == "story")
+    graph = ksampler_graph(checkpoints["sd15_small"], batch_size=1, steps=2, filename_prefix="story_prompts")
+    story = graph.builder.node(NODE, clip=graph.checkpoint.out(1), story=default_story, style="Japanese Anime",
+                               negative="blurry")
+    graph.sampler.set_input("positive", story.out(0))
+    graph.sampler.set_input("negative", story.out(1))
+    graph.latent.set_input("batch_size", story.out(2))
+    for unused in (graph.positive, graph.negative):
+        graph.builder.remove_node(unused.id)
+
+    result = graph_runner(graph.prompt())
+    assert result.output(story.id, 2) == 4
+    assert result.output(story.id, 3).split("\n") == [
+        "Another Monday.", "Then he saw it.", "Where does this lead?", "The adventure begins."
+    ]
+    assert result.output(graph.sampler.id)["samples"].shape[0] == 4
+    assert len(result.image_paths(graph.save.id)) == 4
+
+
+def test_story_error_names_the_line(comfy, loaded):
+    _, clip = loaded("sd15_small")
+    with pytest.raises(ValueError, match=r"^Story line 3: no character is named \[Eve\]"):
+        run_node(comfy, clip, "[Bob] a man\n[Bob] sits\n[Eve] and [Bob] talk")
+    with pytest.raises(ValueError, match=r"custom style must contain \{prompt\}"):
+        run_node(comfy, clip, STORY, style="Custom", custom_style="watercolor")
+
+
+def test_token_lengths_without_small_common_multiple_are_refused(comfy, loaded):
+    _, clip = loaded("sd15_small")
+    # "pine" and "," are a token each and a chunk holds 75: 37k items fill k chunks of 77 tokens.
+    story = "\n".join("[NC] " + ", ".join(["pine"] * 37 * chunks) for chunks in (3, 5))
+    with pytest.raises(ValueError, match=r"least common multiple, 1155 tokens.*Shorten"):
+        run_node(comfy, clip, story, negative="")
