@@ -15,6 +15,7 @@ Also used by the GPU benchmarks under bench/: nothing here needs pytest except t
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
@@ -299,4 +300,8 @@ if pytest is not None:
                 cache[kind] = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(checkpoints[kind])[:2]
             return cache[kind]
 
-        return load
+        yield load
+        # Drop the models while ComfyUI is still importable: a ModelPatcher collected at
+        # interpreter exit fails in its __del__ and prints a traceback for nothing.
+        cache.clear()
+        gc.collect()

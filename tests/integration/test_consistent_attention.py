@@ -61,12 +61,20 @@ class FirstStepPredictions(SharedAcrossClones):
         return args["denoised"]
 
 
-def encode(comfy, clip, text, _cache={}):
-    """CLIPTextEncode, memoised per (clip, text): CLIP-G on the CPU costs seconds per prompt."""
+ENCODED = {}  # (id(clip), text) -> (clip, CONDITIONING): CLIP-G on the CPU costs seconds a prompt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forget_encodings():
+    yield
+    ENCODED.clear()  # release the CLIP models before interpreter exit
+
+
+def encode(comfy, clip, text):
     key = (id(clip), text)
-    if key not in _cache:
-        _cache[key] = (clip, comfy.nodes.CLIPTextEncode().encode(clip, text)[0])
-    return _cache[key][1]
+    if key not in ENCODED:
+        ENCODED[key] = (clip, comfy.nodes.CLIPTextEncode().encode(clip, text)[0])
+    return ENCODED[key][1]
 
 
 def patch(comfy, model, **options):
