@@ -17,6 +17,7 @@ from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, Step, 
 STATE_KEY = "consistent_story.csa"
 WRAPPER_KEY = "consistent_story.csa"
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
+OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 OVERRIDE_KEY = "optimized_attention_override"
 
 
@@ -39,6 +40,25 @@ def current_step(transformer_options: dict) -> Step:
     return locate_step(float(sigmas.reshape(-1)[0]), schedule.tolist())
 
 
+def check_panel_batch(executor, noise, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: one prompt per panel must meet one latent per panel.
+
+    ComfyUI silently tiles or cuts a conditioning batch that differs from the latent batch, which
+    would pair panels with the wrong prompts; say how to fix the wiring instead.
+    """
+    latents = noise.shape[0]
+    for name, conds in (getattr(executor.class_obj, "conds", None) or {}).items():
+        for cond in conds:
+            prompts = cond["cross_attn"].shape[0] if "cross_attn" in cond else 1
+            if prompts not in (1, latents):
+                raise ConsistentAttentionError(
+                    f"The {name} conditioning holds {prompts} prompts (one per panel) but the latent batch has "
+                    f"{latents} images. Wire Story Prompts' panel_count into the latent's batch_size (Empty Latent "
+                    "Image), so every panel gets its own latent."
+                )
+    return executor(noise, *args, **kwargs)
+
+
 class ConsistentAttentionPatch:
     def __init__(self, config: CSAConfig):
         self.config = config
@@ -54,6 +74,7 @@ class ConsistentAttentionPatch:
             )
         model.set_model_attn1_patch(self)
         model.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, self.wrap_apply_model)
+        model.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY, check_panel_batch)
 
     def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         options = dict(transformer_options)  # the caller's dict stays untouched

@@ -288,3 +288,13 @@ def test_perturbed_attention_guidance_reruns(comfy, loaded):
     first = sample(comfy, guided, clip, steps=2)
     assert torch.isfinite(first).all()
     assert torch.equal(first, sample(comfy, guided, clip, steps=2))
+
+
+def test_prompt_batch_that_does_not_match_the_latent_batch_says_how_to_wire_it(comfy, loaded):
+    model, clip = loaded("sd15_small")
+    one, two = encode(comfy, clip, "a knight"), encode(comfy, clip, "a castle")
+    two_prompts = [[torch.cat([one[0][0], two[0][0]]), {"pooled_output": torch.cat([one[0][1]["pooled_output"], two[0][1]["pooled_output"]])}]]
+    patched = patch(comfy, model)
+    assert torch.isfinite(sample(comfy, patched, clip, positive=two_prompts, panels=2, steps=1)).all()
+    with pytest.raises(ValueError, match="panel_count into the latent's batch_size"):
+        sample(comfy, patched, clip, positive=two_prompts, panels=3, steps=1)
