@@ -1,10 +1,12 @@
 """Consistent Self-Attention installed on a ComfyUI ModelPatcher.
 
-Three small pieces cooperate, all namespaced and all stackable with other packs:
+Small pieces cooperate, all namespaced and all stackable with other packs:
+- an OUTER_SAMPLE wrapper: refuses a prompt batch that does not match the latent batch;
 - an APPLY_MODEL wrapper: once per model call, finds the sampling step from the sigmas and puts
-  a fresh per-call ``CallState`` into (a copy of) ``transformer_options``;
-- an attn1 patch (``set_model_attn1_patch``): per self-attention layer, decides from the block,
-  the schedule and the rows whether CSA runs there, and if so leaves a ``GatherPlan`` in the state;
+  a fresh per-call ``CallState`` (with the engine's ``CallPlanner``) into (a copy of)
+  ``transformer_options``;
+- an attn1 patch (``set_model_attn1_patch``): per self-attention layer, asks the planner whether
+  CSA runs there (block, schedule, rows) and if so leaves its ``GatherPlan`` in the state;
 - an ``optimized_attention_override`` (chained to any override already present): the attention
   call right after attn1 takes that plan and extends the *projected* keys and values, so no
   extra projection work is done and ComfyUI's own attention backend still runs, unmasked.
@@ -33,6 +35,7 @@ class CallState:
 
 
 def current_step(transformer_options: dict) -> Step:
+    """The step of this sampling call (one host sync per model call, measured at 0.4 ms on SDXL)."""
     sigmas = transformer_options.get("sigmas")
     schedule = transformer_options.get("sample_sigmas")
     if sigmas is None or schedule is None:
