@@ -90,6 +90,12 @@ def _configure_args(cpu: bool) -> None:
     if "comfy.model_management" in sys.modules and args.cpu != cpu:
         raise RuntimeError("comfy.model_management was imported before import_comfyui(): its device is chosen.")
     args.cpu = cpu
+    if not cpu:  # GPU test runs keep the CPU's fp32 numerics, so the tests' tolerances still hold
+        import torch
+
+        args.force_fp32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     args.preview_method = LatentPreviewMethod.NoPreviews
     args.disable_api_nodes = True
     args.disable_all_custom_nodes = True
@@ -173,7 +179,9 @@ if pytest is not None:
     def comfy(tmp_path_factory) -> SimpleNamespace:
         """The in-process ComfyUI host with this pack loaded; fails (never skips) without ComfyUI."""
         try:
-            return import_comfyui(tmp_path_factory.mktemp("comfy_session"))
+            # CONSISTENT_STORY_TEST_DEVICE=gpu runs the same tests on ComfyUI's GPU (device runs).
+            on_cpu = os.environ.get("CONSISTENT_STORY_TEST_DEVICE", "cpu") == "cpu"
+            return import_comfyui(tmp_path_factory.mktemp("comfy_session"), cpu=on_cpu)
         except ComfyUIMissing as missing:
             message = str(missing)
         pytest.fail(message, pytrace=False)

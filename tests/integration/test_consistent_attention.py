@@ -178,12 +178,15 @@ def test_cond_rows_never_see_uncond_rows(comfy, loaded):
         runs[name] = (probe, predictions)
     assert {c[4] for c in runs["joint"][0].calls} == {2 * PANELS}
     assert {c[4] for c in runs["separate"][0].calls} == {PANELS}
-    torch.testing.assert_close(runs["joint"][1].cond, runs["separate"][1].cond, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(runs["joint"][1].uncond, runs["separate"][1].uncond, atol=1e-3)
-
     vanilla = FirstStepPredictions()
     sample(comfy, with_recorders(model, None, vanilla), clip, positive=long_positive, negative=long_negative, steps=1)
-    assert not torch.allclose(vanilla.cond, runs["joint"][1].cond, atol=1e-3), "CSA was active"
+    joint, separate = runs["joint"][1], runs["separate"][1]
+    csa_effect = (joint.cond - vanilla.cond).abs().max()
+    assert csa_effect > 1e-3, "CSA was active"
+    # Same cond prediction whatever shares the call: only batch-size rounding (fp32, CPU or GPU
+    # kernels) may differ, far below what mixing in other rows would change.
+    assert (joint.cond - separate.cond).abs().max() < 1e-2 * csa_effect
+    assert not torch.allclose(joint.uncond, separate.uncond, atol=1e-3)
 
 
 def float64_all_panels_attention(q, k, v, extra_options):
