@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 
 class GraphError(RuntimeError):
     """A prompt failed ComfyUI's validation or its execution; the message is ComfyUI's."""
@@ -130,10 +128,6 @@ def run_prompt(prompt: dict, extra_data: dict | None = None) -> GraphResult:
     )
 
 
-@pytest.fixture(scope="session")
-def graph_runner(comfy):
-    """``run_prompt``, available once the real ComfyUI (and the pack) are loaded in-process."""
-    return run_prompt
 
 
 @dataclass
@@ -196,3 +190,16 @@ def ksampler_graph(
     decode = g.node("VAEDecode", samples=sampler.out(0), vae=checkpoint.out(2))
     save = g.node("SaveImage", images=decode.out(0), filename_prefix=filename_prefix)
     return KSamplerGraph(g, checkpoint, pos, neg, latent, sampler, decode, save)
+
+
+try:
+    import pytest
+except ImportError:  # scripts/run_example.py uses run_prompt outside pytest
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture(scope="session")
+    def graph_runner(comfy):
+        """``run_prompt``, available once the real ComfyUI (and the pack) are loaded in-process."""
+        return run_prompt
