@@ -6,14 +6,15 @@ device machine needs ComfyUI's tree plus two small wheels (torchsde, trampoline)
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 import sys
-import types
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "consistent_story"
+if str(REPO_ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+from harness.pack import PACK_NAME, load_pack  # noqa: E402
 
 # SDXL's UNet layout (ComfyUI's SDXL detection: 2/10 transformer depths, 2048-d context, 2816-d adm).
 SDXL_UNET = {
@@ -47,21 +48,9 @@ def import_comfy(comfy_dir: Path, cpu: bool):
 
 
 def load_csa_patch_module():
-    """``consistent_story.nodes.csa_patch`` without running ``nodes/__init__`` (it needs comfy_api)."""
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-        )
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = pack
-        spec.loader.exec_module(pack)
-    nodes_name = f"{PACK_NAME}.nodes"
-    if nodes_name not in sys.modules:
-        stub = types.ModuleType(nodes_name)
-        stub.__path__ = [str(REPO_ROOT / "nodes")]
-        stub.__package__ = nodes_name
-        sys.modules[nodes_name] = stub
-    return importlib.import_module(f"{nodes_name}.csa_patch")
+    """``consistent_story.nodes.csa_patch``, the pack imported as the tests import it."""
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.nodes.csa_patch")
 
 
 def init_random_(module, seed: int) -> None:

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> None:
         server = ComfyServer(comfy_dir, Path(base)).start()
         try:
             for key, value in PICTURE_SETTINGS.items():
-                server._request(f"/settings/{key}", value)
+                server.request(f"/settings/{key}", value)
             print(f"ComfyUI on {server.url} (started in {server.start_seconds:.1f} s)")
             with sync_playwright() as playwright:
                 # launch() gives the browser a new empty profile of its own, removed on close.

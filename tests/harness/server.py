@@ -98,7 +98,7 @@ class ComfyServer:
         while True:
             self._check_alive()
             try:
-                self._request("/system_stats", timeout=2)
+                self.request("/system_stats", timeout=2)
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -150,14 +150,15 @@ class ComfyServer:
         return None
 
     # -- HTTP ------------------------------------------------------------------------------
-    def _request(self, path: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
+    def request(self, path: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
+        """GET ``path``, or POST ``body`` as JSON; loopback only, always with a timeout."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        with _HTTP.open(request, timeout=timeout) as response:
+        message = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with _HTTP.open(message, timeout=timeout) as response:
             return response.read()
 
     def get_json(self, path: str):
-        return json.loads(self._request(path))
+        return json.loads(self.request(path))
 
     def object_info(self) -> dict:
         return self.get_json("/object_info")
@@ -165,7 +166,7 @@ class ComfyServer:
     def queue(self, prompt: dict, extra_data: dict | None = None) -> str:
         """POST /prompt; return its prompt_id, or raise with ComfyUI's validation errors."""
         try:
-            reply = json.loads(self._request("/prompt", {"prompt": prompt, "extra_data": extra_data or {}}))
+            reply = json.loads(self.request("/prompt", {"prompt": prompt, "extra_data": extra_data or {}}))
         except urllib.error.HTTPError as error:
             raise ServerError(f"POST /prompt refused ({error.code}): {error.read().decode(errors='replace')}") from None
         if reply.get("node_errors"):
@@ -198,7 +199,7 @@ class ComfyServer:
 
     def view(self, ref: dict) -> bytes:
         """The bytes of an output image reference ``{"filename", "subfolder", "type"}`` via /view."""
-        return self._request("/view?" + urllib.parse.urlencode(ref))
+        return self.request("/view?" + urllib.parse.urlencode(ref))
 
     # -- models ----------------------------------------------------------------------------
     def add_checkpoint(self, path: Path) -> str:
