@@ -1,29 +1,40 @@
 """The Consistent Self-Attention engine: plain torch, no host imports.
 
 Hosts (the ComfyUI patch in ``nodes/``, a diffusers processor) decide *where* CSA runs; this
-package decides *what* each row attends to.
+package decides *what* each row attends to: every panel of a batch the others (``tokens``), or,
+in a story, each panel the identity panels of its characters (``cast``, ``story_attention``),
+a few panels at a time if need be (``rows``).
 """
+from .cast import MAX_IDENTITY_PANELS, StoryCast
 from .config import ConsistentAttentionError, CSAConfig, parse_block_list
 from .layers import downsample_factor
-from .planner import CallPlanner, layer_seed
+from .planner import CallPlanner, layer_seed, panels_per_chunk
+from .rows import call_rows, take_rows
 from .schedule import Step, layer_active, locate_step, mix_seed, step_in_range
+from .story_attention import StoryCall
 from .tokens import GatherPlan, append_reference, neighbour_table, plan_gather, sampled_count
 
 __all__ = [
     "CallPlanner",
-    "layer_seed",
     "CSAConfig",
     "ConsistentAttentionError",
     "GatherPlan",
+    "MAX_IDENTITY_PANELS",
     "Step",
+    "StoryCall",
+    "StoryCast",
     "append_reference",
+    "call_rows",
     "downsample_factor",
     "layer_active",
+    "layer_seed",
     "locate_step",
     "mix_seed",
     "neighbour_table",
+    "panels_per_chunk",
     "parse_block_list",
     "plan_gather",
     "sampled_count",
     "step_in_range",
+    "take_rows",
 ]

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cast import StoryCast
 from .config import ConsistentAttentionError, CSAConfig
 from .planner import CallPlanner
 from .schedule import Step
+from .story_attention import StoryCall
 from .tokens import GatherPlan
 
 
@@ -88,17 +90,21 @@ class ConsistentAttentionState:
     step: the sampling step, ``Step(index, total)``. Set by hand before each UNet call, or found
       from each call's timestep in ``scheduler.timesteps`` when a scheduler is given.
     latent_hw: the latent's (height, width), taken from each UNet call's ``sample``.
+    cast: a ``StoryCast`` (who reads whom) for story mode: each prompt of the batch is a panel of
+      the story, in order; None shares among every panel of the batch.
     """
 
-    def __init__(self, config: CSAConfig, chunks: int = 2, scheduler=None):
+    def __init__(self, config: CSAConfig, chunks: int = 2, scheduler=None, cast: StoryCast | None = None):
         if chunks < 1:
             raise ConsistentAttentionError(f"chunks must be 1 (no CFG) or more (2 with CFG), got {chunks}.")
         self.config = config
         self.chunks = chunks
         self.scheduler = scheduler
+        self.cast = cast
         self.step = Step(0, 1)
         self.latent_hw: tuple[int, int] | None = None
         self.planner: CallPlanner | None = None  # one per UNet call, as in ComfyUI
+        self.story: StoryCall | None = None  # story mode: this UNet call's identity bank
         self.layers: list[LayerId] = []
         self._undo: list = []
 
@@ -113,6 +119,20 @@ class ConsistentAttentionState:
             tokens=hidden_states.shape[1], latent_hw=self.latent_hw, device=hidden_states.device,
         )
 
+    def story_active(self, layer: LayerId, hidden_states: torch.Tensor) -> bool:
+        """Story mode: whether this layer shares identity tokens in the current UNet call."""
+        if self.story is None:
+            raise ConsistentAttentionError(
+                "Consistent Self-Attention runs inside a UNet call: call the UNet, not its layers."
+            )
+        rows = hidden_states.shape[0]
+        if rows != self.chunks * self.cast.panels:
+            raise ConsistentAttentionError(
+                f"the story has {self.cast.panels} panels and chunks is {self.chunks}, so a UNet call needs "
+                f"{self.chunks * self.cast.panels} rows; got {rows}. Give one prompt per panel."
+            )
+        return self.planner.rate(layer.block, layer.block_index, hidden_states.shape[1], self.latent_hw) > 0
+
     def observe_unet_call(self, unet, args, kwargs) -> None:
         """UNet forward pre-hook: the latent size, the step (when a scheduler is known), a fresh planner."""
         sample = args[0] if args else kwargs["sample"]
@@ -122,6 +142,7 @@ class ConsistentAttentionState:
         if timesteps is not None and timestep is not None and len(timesteps):
             self.step = nearest_step(timestep, timesteps)
         self.planner = CallPlanner(self.config, self.step)
+        self.story = None if self.cast is None else StoryCall(self.planner, self.cast, self.chunks)
 
     def remove(self) -> None:
         """Give every attn1 its previous processor back and stop observing the UNet."""
@@ -147,10 +168,14 @@ class ConsistentSelfAttnProcessor:
 
     # The same parameters as AttnProcessor2_0: diffusers filters cross_attention_kwargs by them.
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        plan = None
+        state = self.state
+        plan = story = None
         if encoder_hidden_states is None:  # attn1 fed another context (only_cross_attention): left alone, as in ComfyUI
-            plan = self.state.plan(self.layer, hidden_states)
-        if plan is None:
+            if state.cast is None:
+                plan = state.plan(self.layer, hidden_states)
+            elif state.story_active(self.layer, hidden_states):
+                story = state.story
+        if plan is None and story is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         plain = hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None
         if attention_mask is not None or not plain:
@@ -158,15 +183,28 @@ class ConsistentSelfAttnProcessor:
                 f"Consistent Self-Attention on {self.layer}: this self-attention call has an attention mask or a "
                 "non-token input, which CSA does not extend. Leave this block out of the config's blocks."
             )
-        return extended_self_attention(attn, hidden_states, plan)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if story is None:
+            out = _attend(attn, query, plan.extend(key), plan.extend(value))
+        else:
+            panels = tuple(range(state.cast.panels))
+
+            def attend(q, k, v, rows):
+                return _attend(attn, q, k, v)
+
+            layer = (self.layer.block, self.layer.block_index)
+            out = story.attention(layer, panels, query, key, value, state.latent_hw, attend)
+            if out is None:
+                out = _attend(attn, query, key, value)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
 
 
-def extended_self_attention(attn, hidden_states: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
-    """``AttnProcessor2_0``'s self-attention with the projected keys and values extended by ``plan``."""
-    rows = hidden_states.shape[0]
-    query = attn.to_q(hidden_states)
-    key = plan.extend(attn.to_k(hidden_states))
-    value = plan.extend(attn.to_v(hidden_states))
+def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``AttnProcessor2_0``'s attention on projected ``[rows, tokens, C]`` tensors (keys may be longer)."""
+    rows = query.shape[0]
     head_dim = key.shape[-1] // attn.heads
     query, key, value = (t.view(rows, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
     if attn.norm_q is not None:
@@ -174,19 +212,18 @@ def extended_self_attention(attn, hidden_states: torch.Tensor, plan: GatherPlan)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(rows, -1, attn.heads * head_dim).to(query.dtype)
-    out = attn.to_out[1](attn.to_out[0](out))
-    if attn.residual_connection:
-        out = out + hidden_states
-    return out / attn.rescale_output_factor
+    return out.transpose(1, 2).reshape(rows, -1, attn.heads * head_dim).to(query.dtype)
 
 
 def install_consistent_attention(
-    unet, config: CSAConfig, *, chunks: int = 2, scheduler=None
+    unet, config: CSAConfig, *, chunks: int = 2, scheduler=None, cast: StoryCast | None = None
 ) -> ConsistentAttentionState:
     """Give every attn1 of ``unet`` a CSA processor sharing one state; returns that state.
 
     chunks: 2 when the pipeline uses classifier-free guidance, 1 when it does not.
+    cast: story mode (``StoryCast``): the pipeline's prompts are the story's panels, in order; each
+      panel then reads only the identity panels of its characters, ``[NC]`` panels nothing. The
+      whole story runs in each UNet call (diffusers pipelines do not split the batch).
     scheduler: the pipeline's scheduler; each UNet call's step is then found from its timestep.
       Without it, set ``state.step = Step(i, total)`` before each denoising step.
     ``state.remove()`` restores the previous processors.
@@ -194,7 +231,7 @@ def install_consistent_attention(
     layers = comfy_self_attention_layers(unet)
     if any(isinstance(attn.processor, ConsistentSelfAttnProcessor) for _, attn in layers):
         raise ConsistentAttentionError("this UNet already has Consistent Self-Attention; call state.remove() first.")
-    state = ConsistentAttentionState(config, chunks, scheduler)
+    state = ConsistentAttentionState(config, chunks, scheduler, cast)
     for layer, attn in layers:
         previous = attn.processor
         attn.set_processor(ConsistentSelfAttnProcessor(state, layer, previous))

@@ -29,6 +29,20 @@ class CallPlanner:
         self.step = step
         self._plans: dict[tuple, GatherPlan | None] = {}
 
+    def rate(self, block: tuple[str, int], block_index: int, tokens: int, latent_hw: tuple[int, int]) -> float:
+        """The sampling rate of this layer in this call; 0 where it runs plain attention
+        (block not chosen, rate 0 for its resolution, or the schedule skips it at this step)."""
+        if not self.config.patches_block(block[0], block[1]):
+            return 0.0
+        rate = self.config.rate_for(downsample_factor(latent_hw[0], latent_hw[1], tokens))
+        if rate <= 0 or not layer_active(self.config, self.step, layer_seed(block, block_index)):
+            return 0.0
+        return rate
+
+    def seed_for(self, tokens: int) -> int:
+        """The token-sampling seed of one resolution in this call."""
+        return mix_seed(self.config.seed, self.step.index, tokens)
+
     def plan(
         self,
         block: tuple[str, int],
@@ -42,19 +56,23 @@ class CallPlanner:
         """The gather for this layer, or None where it runs plain attention."""
         if not self.config.patches_block(block[0], block[1]):
             return None
-        if rows % chunks:
-            raise ConsistentAttentionError(
-                f"Consistent Self-Attention got {rows} rows for {chunks} conditioning chunks; something split "
-                "the panel batch (context windows over the batch?). Remove that node or CSA."
-            )
-        panels = rows // chunks
-        rate = self.config.rate_for(downsample_factor(latent_hw[0], latent_hw[1], tokens))
-        if panels < 2 or rate <= 0 or not layer_active(self.config, self.step, layer_seed(block, block_index)):
+        panels = panels_per_chunk(rows, chunks)
+        rate = self.rate(block, block_index, tokens, latent_hw) if panels >= 2 else 0.0
+        if rate <= 0:
             return None
         key = (chunks, panels, tokens, rate, device)
         if key not in self._plans:
             self._plans[key] = plan_gather(
-                chunks, panels, tokens, rate, self.config.window,
-                seed=mix_seed(self.config.seed, self.step.index, tokens), device=device,
+                chunks, panels, tokens, rate, self.config.window, seed=self.seed_for(tokens), device=device,
             )
         return self._plans[key]
+
+
+def panels_per_chunk(rows: int, chunks: int) -> int:
+    """Panels in each conditioning chunk of a batch of ``rows`` rows."""
+    if rows % chunks:
+        raise ConsistentAttentionError(
+            f"Consistent Self-Attention got {rows} rows for {chunks} conditioning chunks; something split "
+            "the panel batch (context windows over the batch?). Remove that node or CSA."
+        )
+    return rows // chunks

@@ -1,0 +1,123 @@
+"""Who reads whom in a story: characters, their identity panels, and each panel's sources.
+
+StoryDiffusion's rule (official app): a character's identity is made by its first
+single-character panels, generated together; every other panel reads the identity panels of
+the characters it names, and a panel with no character (``[NC]``) reads nothing. Here identity
+panels are ordinary panels of the same sampler batch, so they cost nothing extra; they read only
+the other identity panels of their own character, so an identity never depends on the rest of
+the story.
+
+Identity panels are addressed by *slot*: their position in ``StoryCast.identity_panels``
+(character after character, each character's panels in story order). Plain Python, no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ConsistentAttentionError
+
+MAX_IDENTITY_PANELS = 8
+
+
+@dataclass(frozen=True)
+class StoryCast:
+    """The characters of a story and who reads whom.
+
+    names: the characters, in the story's order.
+    panel_characters: per panel, the indices (into ``names``) of the characters it shows.
+    identity: per character, the story indices of its identity panels.
+    """
+
+    names: tuple[str, ...]
+    panel_characters: tuple[tuple[int, ...], ...]
+    identity: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_panels(cls, names, panel_characters, identity_panels: int) -> "StoryCast":
+        """Pick each character's first ``identity_panels`` single-character panels.
+
+        A character with fewer such panels uses those it has; one that never appears alone has
+        no identity and is an error naming it.
+        """
+        if not 1 <= identity_panels <= MAX_IDENTITY_PANELS:
+            raise ConsistentAttentionError(
+                f"identity_panels must lie between 1 and {MAX_IDENTITY_PANELS}, got {identity_panels}."
+            )
+        names = tuple(names)
+        panel_characters = tuple(tuple(dict.fromkeys(chars)) for chars in panel_characters)
+        for panel, chars in enumerate(panel_characters):
+            bad = [c for c in chars if not 0 <= c < len(names)]
+            if bad:
+                raise ConsistentAttentionError(f"panel {panel} names characters {bad}, but the story has {len(names)}.")
+        identity = []
+        for index, name in enumerate(names):
+            solo = [panel for panel, chars in enumerate(panel_characters) if chars == (index,)]
+            if not solo:
+                raise ConsistentAttentionError(
+                    f"[{name}] never appears alone in a panel, so it has no identity panel to read from. Add a "
+                    f"panel in which [{name}] is the only character (e.g. '[{name}] looks out of the window'); "
+                    f"its first {identity_panels} such panels make its identity."
+                )
+            identity.append(tuple(solo[:identity_panels]))
+        return cls(names, panel_characters, tuple(identity))
+
+    @property
+    def panels(self) -> int:
+        return len(self.panel_characters)
+
+    @property
+    def identity_panels(self) -> tuple[int, ...]:
+        """Every identity panel, in slot order."""
+        return tuple(panel for panels in self.identity for panel in panels)
+
+    def slot_of(self, panel: int) -> int | None:
+        """The identity slot of ``panel``, or None for a panel that is no identity panel."""
+        try:
+            return self.identity_panels.index(panel)
+        except ValueError:
+            return None
+
+    def slots(self, character: int) -> tuple[int, ...]:
+        start = sum(len(panels) for panels in self.identity[:character])
+        return tuple(range(start, start + len(self.identity[character])))
+
+    def sources(self, panel: int) -> tuple[int, ...]:
+        """The identity slots ``panel`` reads: an identity panel reads the other identity panels of
+        its character; any other panel reads every identity panel of the characters it names; a
+        panel without characters reads nothing."""
+        own = self.slot_of(panel)
+        if own is not None:
+            character = self.panel_characters[panel][0]
+            return tuple(slot for slot in self.slots(character) if slot != own)
+        return tuple(slot for character in self.panel_characters[panel] for slot in self.slots(character))
+
+    def call_plan(self, panels_per_call: int) -> tuple[tuple[int, ...], ...]:
+        """The panel subsets of one model call, run in this order.
+
+        ``panels_per_call`` 0 or at least the story's length: one call over every panel in story
+        order (the identity panels are in that batch). Otherwise identity panels first, one
+        character's group never split (a group larger than ``panels_per_call`` runs alone), groups
+        packed in character order; then the other panels in story order, ``panels_per_call`` at a
+        time. The identity calls depend only on the identity panels and ``panels_per_call``, so
+        the identities do not change when other panels are added, removed or edited.
+        """
+        if panels_per_call < 0:
+            raise ConsistentAttentionError(f"panels_per_call must be 0 (as many as fit) or positive, got {panels_per_call}.")
+        if panels_per_call == 0 or panels_per_call >= self.panels:
+            return (tuple(range(self.panels)),)
+        calls: list[tuple[int, ...]] = []
+        current: list[int] = []
+        for group in self.identity:
+            if current and len(current) + len(group) > panels_per_call:
+                calls.append(tuple(current))
+                current = []
+            current.extend(group)
+        if current:
+            calls.append(tuple(current))
+        identity = set(self.identity_panels)
+        others = [panel for panel in range(self.panels) if panel not in identity]
+        calls.extend(tuple(others[i:i + panels_per_call]) for i in range(0, len(others), panels_per_call))
+        return tuple(calls)
+
+    def largest_call(self, panels_per_call: int) -> int:
+        return max(len(call) for call in self.call_plan(panels_per_call))

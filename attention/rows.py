@@ -1,0 +1,42 @@
+"""Taking some rows of a model call's inputs, so a long story can run a few panels at a time.
+
+A model call's inputs are tensors with one row per batch row, possibly nested in lists, tuples
+and dicts (ControlNet residuals, extra conditionings). ``take_rows`` selects rows from all of
+them at once; a tensor with one row is shared by every row and passes unchanged; any other batch
+size cannot be split and is refused with the input's name.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ConsistentAttentionError
+
+
+def call_rows(panels: tuple[int, ...], chunks: int, panels_per_chunk: int) -> list[int]:
+    """Batch rows of ``panels`` in every chunk (row ``c * panels_per_chunk + p``), chunk-major."""
+    return [chunk * panels_per_chunk + panel for chunk in range(chunks) for panel in panels]
+
+
+def take_rows(value, index: torch.Tensor, rows: int, name: str):
+    """``value`` with only the batch rows ``index`` of every tensor of ``rows`` rows in it."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 or value.shape[0] == 1:
+            return value
+        if value.shape[0] != rows:
+            raise ConsistentAttentionError(
+                f"Consistent Self-Attention runs this story a few panels at a time, but the model input '{name}' "
+                f"has {value.shape[0]} rows for a batch of {rows}, so it cannot be split by panel. Set "
+                "panels_per_call to 0 with enough memory for every panel at once, or remove the node that adds "
+                f"'{name}'."
+            )
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, (list, tuple)):
+        return type(value)(take_rows(item, index, rows, f"{name}[{i}]") for i, item in enumerate(value))
+    if isinstance(value, dict):
+        return {key: take_rows(item, index, rows, f"{name}.{key}") for key, item in value.items()}
+    raise ConsistentAttentionError(
+        f"Consistent Self-Attention cannot split the model input '{name}' ({type(value).__name__}) by panel. "
+        "Set panels_per_call to 0 with enough memory for every panel at once, or remove the node that adds it."
+    )

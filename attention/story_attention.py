@@ -1,0 +1,164 @@
+"""Consistent Self-Attention over a story: identity tokens written and read within one model call.
+
+One ``StoryCall`` serves one model evaluation (one step; every row of every conditioning chunk
+of that call). The call may run as several sub-calls over panel subsets (``StoryCast.call_plan``):
+identity panels first, then the others. In each self-attention layer where CSA runs:
+
+- *write*: the rows of identity panels present in this sub-call leave the keys and values of
+  their sampled tokens in the call's bank (``[chunks * slots, count, C]`` per layer; the same
+  sampled positions for every reader, as the official app shares one mask per step);
+- *read*: every row attends to its own tokens plus the banked tokens of its sources
+  (``StoryCast.sources``), from its own conditioning chunk only (cond never reads uncond).
+
+Rows reading the same number of identity panels share one attention call, so every call has a
+single key length: no mask, the backend's fused kernels stay. The bank lives as long as the
+model call, so memory does not grow with the story's length or the number of steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .cast import StoryCast
+from .planner import CallPlanner
+from .tokens import sampled_count
+
+# attend(q, k, v, rows) -> output rows; ``rows`` names each row as (chunk, panel).
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ReadGroup:
+    """Rows of a sub-call that read the same number of identity panels."""
+
+    rows: torch.Tensor  # [G] row indices in the sub-call
+    bank_rows: torch.Tensor | None  # [G, n] rows of the bank each reads; None when n == 0
+    names: tuple  # (chunk, panel) of each row
+    everyone: bool  # the group is the whole sub-call, in order
+
+
+@dataclass(frozen=True)
+class SubCallRows:
+    """How the rows of one sub-call write to and read from the bank."""
+
+    write_rows: torch.Tensor  # [W] rows of identity panels
+    write_slots: torch.Tensor  # [W] bank rows they fill
+    groups: tuple[ReadGroup, ...]
+
+
+class StoryCall:
+    def __init__(self, planner: CallPlanner, cast: StoryCast, chunks: int):
+        self.planner = planner
+        self.cast = cast
+        self.chunks = chunks
+        self.slots = len(cast.identity_panels)
+        self.bank: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._positions: dict[tuple, torch.Tensor] = {}
+        self._rows: dict[tuple, SubCallRows] = {}
+
+    def bank_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.bank.values() for t in pair)
+
+    def attention(
+        self,
+        layer: tuple,
+        panels: tuple[int, ...],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        latent_hw: tuple[int, int],
+        attend: Attend,
+    ) -> torch.Tensor | None:
+        """CSA for one self-attention layer of the sub-call over ``panels``; None = plain attention.
+
+        ``layer`` is (block, block_index); q/k/v are ``[chunks * len(panels), tokens, C]``,
+        row ``r`` being panel ``panels[r % len(panels)]`` of chunk ``r // len(panels)``.
+        """
+        tokens = q.shape[1]
+        rate = self.planner.rate(layer[0], layer[1], tokens, latent_hw) if self.slots else 0.0
+        if rate <= 0:
+            return None
+        count = sampled_count(tokens, rate)
+        rows = self._sub_call_rows(panels, k.device)
+        if rows.write_rows.numel():
+            self._write(layer, rows, k, v, count)
+        bank = self.bank.get(layer)
+        out = None
+        for group in rows.groups:
+            if group.everyone and group.bank_rows is None:
+                return None  # nobody here reads anything: plain attention
+            q_g, k_g, v_g = (t if group.everyone else t.index_select(0, group.rows) for t in (q, k, v))
+            if group.bank_rows is not None:
+                if bank is None:
+                    raise RuntimeError(f"layer {layer}: identity tokens read before they were written")
+                k_g, v_g = (_extend(t, stored, group.bank_rows) for t, stored in zip((k_g, v_g), bank))
+            result = attend(q_g, k_g, v_g, group.names)
+            if group.everyone:
+                return result
+            if out is None:
+                out = result.new_empty((q.shape[0],) + tuple(result.shape[1:]))
+            out.index_copy_(0, group.rows, result)
+        return out
+
+    def _write(self, layer, rows: SubCallRows, k, v, count: int) -> None:
+        positions = self._sampled_positions(k.shape[1], count, k.device)  # [slots, count]
+        slot_of_row = rows.write_slots % self.slots
+        flat = (rows.write_rows * k.shape[1])[:, None] + positions.index_select(0, slot_of_row)  # [W, count]
+        if layer not in self.bank:
+            shape = (self.chunks * self.slots, count, k.shape[-1])
+            self.bank[layer] = (k.new_empty(shape), v.new_empty(shape))
+        for stored, t in zip(self.bank[layer], (k, v)):
+            taken = t.reshape(-1, t.shape[-1]).index_select(0, flat.reshape(-1))
+            stored.index_copy_(0, rows.write_slots, taken.view(flat.shape[0], count, t.shape[-1]))
+
+    def _sampled_positions(self, tokens: int, count: int, device) -> torch.Tensor:
+        """``[slots, count]`` token positions of each identity panel in this call, sorted."""
+        key = (tokens, count, device)
+        if key not in self._positions:
+            if count == tokens:
+                positions = torch.arange(tokens, device=device).expand(self.slots, tokens)
+            else:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(self.planner.seed_for(tokens))
+                scores = torch.rand(self.slots, tokens, generator=generator, device=device)
+                positions = scores.topk(count, dim=1, sorted=False).indices.sort(dim=1).values
+            self._positions[key] = positions
+        return self._positions[key]
+
+    def _sub_call_rows(self, panels: tuple[int, ...], device) -> SubCallRows:
+        key = (panels, device)
+        if key not in self._rows:
+            self._rows[key] = self._build_rows(panels, device)
+        return self._rows[key]
+
+    def _build_rows(self, panels: tuple[int, ...], device) -> SubCallRows:
+        names = [(chunk, panel) for chunk in range(self.chunks) for panel in panels]
+        writes = [(row, chunk * self.slots + slot) for row, (chunk, panel) in enumerate(names)
+                  if (slot := self.cast.slot_of(panel)) is not None]
+        by_count: dict[int, list[int]] = {}
+        for row, (_, panel) in enumerate(names):
+            by_count.setdefault(len(self.cast.sources(panel)), []).append(row)
+        groups = []
+        for n, members in sorted(by_count.items()):
+            bank_rows = None
+            if n:
+                bank_rows = torch.tensor(
+                    [[names[row][0] * self.slots + slot for slot in self.cast.sources(names[row][1])] for row in members],
+                    device=device,
+                )
+            groups.append(ReadGroup(
+                rows=torch.tensor(members, device=device),
+                bank_rows=bank_rows,
+                names=tuple(names[row] for row in members),
+                everyone=len(members) == len(names),
+            ))
+        long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return SubCallRows(long([w[0] for w in writes]), long([w[1] for w in writes]), tuple(groups))
+
+
+def _extend(own: torch.Tensor, stored: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
+    """``[G, L, C]`` own tokens followed by the banked tokens of each row's sources."""
+    extra = stored.index_select(0, bank_rows.reshape(-1)).view(own.shape[0], -1, own.shape[-1])
+    return torch.cat([own, extra], dim=1)
