@@ -10,28 +10,40 @@ Small pieces cooperate, all namespaced and all stackable with other packs:
 - an ``optimized_attention_override`` (chained to any override already present): the attention
   call right after attn1 takes that plan and extends the *projected* keys and values, so no
   extra projection work is done and ComfyUI's own attention backend still runs, unmasked.
-Nothing persists between calls; the patch object holds only its frozen config, and clones share it.
+With a story (``StoryCast``) the APPLY_MODEL wrapper runs the call panel subset by panel subset
+(``story_calls.py``) and the override reads the characters' identity tokens instead; a
+PREPARE_SAMPLING wrapper sizes ComfyUI's model load for one such subset, not the whole story.
+Nothing persists between calls; the patch object holds only frozen options, and clones share it.
 """
 from __future__ import annotations
 
-from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, Step, locate_step
+from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, Step, StoryCast, locate_step
+from .story_calls import run_story_call
 
 STATE_KEY = "consistent_story.csa"
 WRAPPER_KEY = "consistent_story.csa"
+ROWS_KEY = "consistent_story.rows"  # story mode: (chunk, panel) of each row of an attention call
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
 OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+PREPARE_SAMPLING = "prepare_sampling"  # comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING
 OVERRIDE_KEY = "optimized_attention_override"
 
 
 class CallState:
-    """One model call: its planner, and the gather waiting for the next attention call."""
+    """One model call (or story sub-call): its planner, and what waits for the next attention call.
 
-    __slots__ = ("planner", "pending", "chained_override")
+    Batch mode: ``pending`` is the layer's GatherPlan. Story mode: ``story`` is the call's
+    ``StoryCall``, ``panels`` the sub-call's panels, and ``pending`` the layer ((block, index), latent hw).
+    """
 
-    def __init__(self, planner: CallPlanner, chained_override):
+    __slots__ = ("planner", "pending", "chained_override", "story", "panels")
+
+    def __init__(self, planner: CallPlanner, chained_override, story=None, panels=()):
         self.planner = planner
         self.pending = None
         self.chained_override = chained_override
+        self.story = story
+        self.panels = panels
 
 
 def current_step(transformer_options: dict) -> Step:
@@ -43,13 +55,19 @@ def current_step(transformer_options: dict) -> Step:
     return locate_step(float(sigmas.reshape(-1)[0]), schedule.tolist())
 
 
-def check_panel_batch(executor, noise, *args, **kwargs):
+def check_panel_batch(executor, noise, *args, story_panels: int | None = None, **kwargs):
     """OUTER_SAMPLE wrapper: one prompt per panel must meet one latent per panel.
 
     ComfyUI silently tiles or cuts a conditioning batch that differs from the latent batch, which
     would pair panels with the wrong prompts; say how to fix the wiring instead.
     """
     latents = noise.shape[0]
+    if story_panels is not None and story_panels != latents:
+        raise ConsistentAttentionError(
+            f"The story has {story_panels} panels but the latent batch has {latents} images. Wire Story Prompts' "
+            "panel_count into the latent's batch_size (Empty Latent Image), and its story output into this "
+            "Consistent Self-Attention node, from the same Story Prompts node."
+        )
     for name, conds in (getattr(executor.class_obj, "conds", None) or {}).items():
         for cond in conds:
             prompts = cond["cross_attn"].shape[0] if "cross_attn" in cond else 1
@@ -63,8 +81,12 @@ def check_panel_batch(executor, noise, *args, **kwargs):
 
 
 class ConsistentAttentionPatch:
-    def __init__(self, config: CSAConfig):
+    """Frozen options of one CSA node: ``cast`` None = batch mode (every panel reads the others)."""
+
+    def __init__(self, config: CSAConfig, cast: StoryCast | None = None, panels_per_call: int = 0):
         self.config = config
+        self.cast = cast
+        self.panels_per_call = panels_per_call
 
     def __deepcopy__(self, memo):
         return self  # immutable: every clone of the model shares this patch
@@ -77,42 +99,82 @@ class ConsistentAttentionPatch:
             )
         model.set_model_attn1_patch(self)
         model.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, self.wrap_apply_model)
-        model.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY, check_panel_batch)
+        model.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY, self.check_batch)
+        if self.cast is not None:
+            model.add_wrapper_with_key(PREPARE_SAMPLING, WRAPPER_KEY, self.size_model_load)
+
+    def check_batch(self, executor, noise, *args, **kwargs):
+        story_panels = None if self.cast is None else self.cast.panels
+        return check_panel_batch(executor, noise, *args, story_panels=story_panels, **kwargs)
+
+    def size_model_load(self, executor, model, noise_shape, conds, model_options=None):
+        """PREPARE_SAMPLING wrapper: ComfyUI sizes its model load from the whole batch; a story runs
+        at most its largest panel subset at once, so ask for that (the weights then stay loaded
+        instead of being pushed off the GPU by a long story). Without panels_per_call: the least
+        that must run at once, the largest character's identity panels; the rest fits at run time."""
+        panels = min(noise_shape[0], self.cast.largest_call(self.panels_per_call or 1))
+        return executor(model, [panels] + list(noise_shape[1:]), conds, model_options=model_options)
 
     def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         options = dict(transformer_options)  # the caller's dict stays untouched
         planner = CallPlanner(self.config, current_step(options))
-        options[STATE_KEY] = CallState(planner, options.get(OVERRIDE_KEY))
-        options[OVERRIDE_KEY] = self.attention
+        if self.cast is not None:
+            return run_story_call(self, planner, executor, x, t, c_concat, c_crossattn, control, options, **kwargs)
+        self.prepare(options, planner)
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
+    def prepare(self, options: dict, planner: CallPlanner, story=None, panels: tuple[int, ...] = ()) -> dict:
+        """Put a fresh ``CallState`` and this patch's attention override (chained to the one found
+        there) into ``options``, a copy of transformer_options owned by this call."""
+        options[STATE_KEY] = CallState(planner, options.get(OVERRIDE_KEY), story, panels)
+        options[OVERRIDE_KEY] = self.attention
+        return options
+
     def __call__(self, n, context, value, extra_options):
-        """attn1 patch: plan the gather for this layer, or clear any stale plan."""
+        """attn1 patch: plan the gather for this layer (story: name it), or clear any stale plan."""
         state = extra_options.get(STATE_KEY)
         if state is None:
             return n, context, value
         block = extra_options.get("block")
-        state.pending = None if block is None else state.planner.plan(
-            block,
-            extra_options.get("block_index", 0),
-            rows=n.shape[0],
-            chunks=len(extra_options.get("cond_or_uncond") or [0]),
-            tokens=n.shape[1],
-            latent_hw=tuple(extra_options["original_shape"][-2:]),
-            device=n.device,
-        )
+        if block is None:
+            state.pending = None
+        elif state.story is not None:
+            state.pending = ((block, extra_options.get("block_index", 0)), tuple(extra_options["original_shape"][-2:]))
+        else:
+            state.pending = state.planner.plan(
+                block,
+                extra_options.get("block_index", 0),
+                rows=n.shape[0],
+                chunks=len(extra_options.get("cond_or_uncond") or [0]),
+                tokens=n.shape[1],
+                latent_hw=tuple(extra_options["original_shape"][-2:]),
+                device=n.device,
+            )
         return n, context, value
 
     def attention(self, func, q, k, v, heads, *args, **kwargs):
         """optimized_attention_override: extend k/v with the planned tokens, then attend as usual."""
         options = kwargs.get("transformer_options") or {}
         state = options.get(STATE_KEY)
-        plan = state.pending if state is not None else None
-        if plan is not None:
-            state.pending = None
-            if q.shape[:2] == k.shape[:2] == (plan.rows, plan.tokens) and q.ndim == 3:
-                k, v = plan.extend(k), plan.extend(v)
-        chained = state.chained_override if state is not None else None
-        if chained is not None:
-            return chained(func, q, k, v, heads, *args, **kwargs)
-        return func(q, k, v, heads, *args, **kwargs)
+        if state is None:
+            return func(q, k, v, heads, *args, **kwargs)
+        pending, state.pending = state.pending, None
+
+        def attend(q, k, v, rows=None):
+            """The attention ComfyUI would run (through any chained override); ``rows`` names the
+            rows of a story attention call for the overrides after this one."""
+            call_kwargs = kwargs if rows is None else {**kwargs, "transformer_options": {**options, ROWS_KEY: rows}}
+            if state.chained_override is not None:
+                return state.chained_override(func, q, k, v, heads, *args, **call_kwargs)
+            return func(q, k, v, heads, *args, **call_kwargs)
+
+        if pending is not None and q.ndim == 3 and q.shape[:2] == k.shape[:2]:
+            if state.story is None:
+                if q.shape[:2] == (pending.rows, pending.tokens):
+                    k, v = pending.extend(k), pending.extend(v)
+            elif q.shape[0] == state.story.chunks * len(state.panels):
+                (layer, latent_hw) = pending
+                out = state.story.attention(layer, state.panels, q, k, v, latent_hw, attend)
+                if out is not None:
+                    return out
+        return attend(q, k, v)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention import CSAConfig, parse_block_list
+from ..attention import MAX_IDENTITY_PANELS, ConsistentAttentionError, CSAConfig, parse_block_list
 from .csa_patch import ConsistentAttentionPatch
+from .nodes_story import StoryType
+
+DEFAULT_IDENTITY_PANELS = 2  # the official app's default id_length
 
 
 class ConsistentSelfAttention(io.ComfyNode):
@@ -18,7 +21,10 @@ class ConsistentSelfAttention(io.ComfyNode):
                 "StoryDiffusion's Consistent Self-Attention: the panels of one batch share identity. In each "
                 "self-attention layer a panel also attends to tokens sampled from the other panels of the batch "
                 "(cond only with cond, uncond only with uncond), so characters, faces and clothes stay the same. "
-                "Training-free; SD1.5 and SDXL families. Give the sampler one latent per panel."
+                "Training-free; SD1.5 and SDXL families. Give the sampler one latent per panel. With Story "
+                "Prompts' story connected, panels share by character instead: each character's first single-character "
+                "panels are its identity panels, every other panel reads only the identity panels of the characters "
+                "it names, [NC] panels read nothing, and long stories run a few panels per model call."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch. It is cloned; the input model is never changed."),
@@ -34,8 +40,9 @@ class ConsistentSelfAttention(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "window", default=0, min=0, max=64,
-                    tooltip="Each panel samples from at most this many neighbouring panels (0 = all others). Keeps "
-                    "memory and time linear in the panel count for long stories; 4 is a good value past 8 panels.",
+                    tooltip="Without a story: each panel samples from at most this many neighbouring panels (0 = all "
+                    "others), so memory and time stay linear in the panel count; 4 is a good value past 8 panels. "
+                    "With a story the characters decide who reads whom: keep 0.",
                 ),
                 io.Combo.Input(
                     "blocks", options=["output", "all", "custom"], default="output",
@@ -65,13 +72,32 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                     tooltip="Seeds which tokens are shared and the schedule's draws. Same seed and inputs, same images.",
                 ),
+                StoryType.Input(
+                    "story", optional=True,
+                    tooltip="Story Prompts' story output (the same node that feeds the sampler). Connected: panels "
+                    "share by character (identity panels, [NC] reads nothing) and any number of panels runs in one "
+                    "sampler. Not connected: every panel of the batch shares with the others.",
+                ),
+                io.Int.Input(
+                    "identity_panels", optional=True, default=DEFAULT_IDENTITY_PANELS, min=1, max=MAX_IDENTITY_PANELS,
+                    tooltip="With a story: how many of each character's first single-character panels make its "
+                    "identity (the official app's id_length; 2 by default). Identity panels share only with each "
+                    "other; every other panel of that character reads them. A character never shown alone is an error.",
+                ),
+                io.Int.Input(
+                    "panels_per_call", optional=True, default=0, min=0, max=4096,
+                    tooltip="With a story: panels per model call. 0 = as many as fit in free memory (ComfyUI's own "
+                    "estimate). A smaller number keeps memory flat for long stories: identity panels run first, then "
+                    "the others this many at a time; the images are the same.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
         )
 
     @classmethod
     def execute(cls, model, rate_fine, rate_coarse, window, blocks, custom_blocks, schedule,
-                start_percent, end_percent, seed) -> io.NodeOutput:
+                start_percent, end_percent, seed, story=None, identity_panels=DEFAULT_IDENTITY_PANELS,
+                panels_per_call=0) -> io.NodeOutput:
         config = CSAConfig(
             rate_fine=rate_fine,
             rate_coarse=rate_coarse,
@@ -83,11 +109,32 @@ class ConsistentSelfAttention(io.ComfyNode):
             end=end_percent,
             seed=seed,
         )
+        cast = story_cast(story, window, identity_panels, panels_per_call)
         if not config.enabled:
             return io.NodeOutput(model)
         patched = model.clone()
-        ConsistentAttentionPatch(config).install(patched)
+        ConsistentAttentionPatch(config, cast, panels_per_call).install(patched)
         return io.NodeOutput(patched)
+
+
+def story_cast(story, window: int, identity_panels: int, panels_per_call: int):
+    """The story's cast, or None without a story; options that would do nothing are refused."""
+    if story is None:
+        unused = [f"{name} = {value}" for name, value, default in (
+            ("identity_panels", identity_panels, DEFAULT_IDENTITY_PANELS), ("panels_per_call", panels_per_call, 0),
+        ) if value != default]
+        if unused:
+            raise ConsistentAttentionError(
+                f"{' and '.join(unused)} only apply with a story: connect Story Prompts' story output to this node, "
+                f"or set {' and '.join(u.split(' =')[0] for u in unused)} back to the default."
+            )
+        return None
+    if window:
+        raise ConsistentAttentionError(
+            f"window = {window} applies only without a story: with one, each panel reads the identity panels of "
+            "its characters. Set window to 0, or disconnect the story to share across the whole batch."
+        )
+    return story.cast(identity_panels)
 
 
 NODES = [ConsistentSelfAttention]

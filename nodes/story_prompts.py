@@ -25,6 +25,8 @@ import difflib
 import re
 from dataclasses import dataclass
 
+from ..attention.cast import StoryCast
+
 NO_CHARACTER = "NC"
 CUSTOM_STYLE = "Custom"
 DEFAULT_STYLE = "Japanese Anime"
@@ -151,6 +153,18 @@ class Story:
             if character.name == name:
                 return character
         raise KeyError(name)
+
+    def cast(self, identity_panels: int) -> StoryCast:
+        """Who reads whom: each character's first ``identity_panels`` single-character panels are
+        its identity panels (a character never alone is an error naming it)."""
+        index = {character.name: i for i, character in enumerate(self.characters)}
+        panel_characters = [tuple(index[name] for name in panel.characters) for panel in self.panels]
+        return StoryCast.from_panels([c.name for c in self.characters], panel_characters, identity_panels)
+
+    def identity_panels(self, per_character: int) -> dict[str, tuple[int, ...]]:
+        """Character name -> the story indices of its identity panels."""
+        cast = self.cast(per_character)
+        return dict(zip(cast.names, cast.identity))
 
 
 def get_style(name: str, custom_template: str = "") -> Style:

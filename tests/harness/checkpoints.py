@@ -159,6 +159,24 @@ def build_checkpoint(kind: str, path: str | os.PathLike, seed: int = 0, taesd: b
     return path
 
 
+def build_controlnet(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random-weight ControlNet (ComfyUI's ``cldm.ControlNet``, its original key layout) for the
+    UNet of ``kind``; ControlNetLoader detects its layout from the keys as for a real one. Its zero
+    convolutions are random too, so it changes what the UNet draws."""
+    import_comfyui()
+    import comfy.cldm.cldm
+    import comfy.utils
+
+    config = dict(_model_config(KINDS[kind]).unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, device="meta", dtype=torch.float32)
+    state_dict = _random_state_dict(comfy.cldm.cldm.ControlNet(**config), seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(state_dict, str(path))
+    return path
+
+
 def _model_config(spec: CheckpointKind):
     import comfy.supported_models
 

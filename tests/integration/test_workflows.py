@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 # The CPU test checkpoint standing in for each workflow's model family.
-TEST_CHECKPOINT = {"comic_sd15": "sd15_small", "comic_sdxl": "vega_small"}
+TEST_CHECKPOINT = {"comic_sd15": "sd15_small", "comic_sdxl": "vega_small", "long_story_sd15": "sd15_small",
+                   "story_two_characters_sdxl": "vega_small"}
 SIZE, STEPS = 64, 2
 THUMBNAIL_MAX_BYTES = 60_000
 MODEL_FILE_WIDGETS = {"ckpt_name"}
@@ -91,6 +92,33 @@ def test_workflow_links_agree_with_node_slots(path):
     assert sorted(used_in) == sorted(used_out) == sorted(link_ids)
 
 
+@by_name(WORKFLOWS)
+def test_every_workflow_feeds_its_story_to_consistent_self_attention(path):
+    from harness.pack import load_pack
+
+    load_pack()
+    from consistent_story.nodes.story_prompts import parse_story
+
+    workflow = load_workflow(path)
+    prompts, csa = ui_node(workflow, "ConsistentStoryPrompts"), ui_node(workflow, "ConsistentStorySelfAttention")
+    story_link = next(e["link"] for e in csa["inputs"] if e["name"] == "story")
+    assert story_link in prompts["outputs"][4]["links"]
+    story = parse_story(prompts["widgets_values"][0], prompts["widgets_values"][1])
+    identity = story.identity_panels(csa["widgets_values"][10])  # a character never alone would raise
+    assert len(identity) == len(story.characters) >= 1
+    if path.stem == "story_two_characters_sdxl":
+        assert [c.name for c in story.characters] == ["Bob", "Alice"]
+        assert any(len(p.characters) == 2 for p in story.panels) and any(not p.characters for p in story.panels)
+    if path.stem == "long_story_sd15":
+        assert len(story.panels) >= 24 and len(story.characters) == 2
+        assert len(nodes_of_type_ui(workflow, "KSampler")) == 1 and csa["widgets_values"][11] > 0
+        assert ui_node(workflow, "ConsistentStoryComicPage")["widgets_values"][7] < len(story.panels), "several pages"
+
+
+def nodes_of_type_ui(workflow: dict, node_type: str) -> list[dict]:
+    return [node for node in workflow["nodes"] if node["type"] == node_type]
+
+
 # ----------------------------------------------------------------------------------------------
 # The converter
 # ----------------------------------------------------------------------------------------------
@@ -119,8 +147,9 @@ def test_conversion_wires_converted_widgets(sd15):
     story_id, _ = one(prompt, "ConsistentStoryPrompts")
     assert one(prompt, "EmptyLatentImage")[1]["inputs"]["batch_size"] == [story_id, 2]
     assert one(prompt, "ConsistentStoryComicPage")[1]["inputs"]["captions"] == [story_id, 3]
-    csa_id, _ = one(prompt, "ConsistentStorySelfAttention")
+    csa_id, csa = one(prompt, "ConsistentStorySelfAttention")
     assert one(prompt, "KSampler")[1]["inputs"]["model"] == [csa_id, 0]
+    assert csa["inputs"]["story"] == [story_id, 4], "the story drives who reads whom"
 
 
 def test_bypassed_node_passes_its_input_through(sd15, definitions):
