@@ -49,10 +49,15 @@ class SubCallRows:
 
 
 class StoryCall:
-    def __init__(self, planner: CallPlanner, cast: StoryCast, chunks: int):
+    """``chunks`` conditioning chunks of one model call; ``first_chunk`` is the index of the first
+    of them in the model call (only for naming rows: a host running chunks apart gives each its own
+    StoryCall, and so its own bank)."""
+
+    def __init__(self, planner: CallPlanner, cast: StoryCast, chunks: int, first_chunk: int = 0):
         self.planner = planner
         self.cast = cast
         self.chunks = chunks
+        self.first_chunk = first_chunk
         self.slots = len(cast.identity_panels)
         self.bank: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._positions: dict[tuple, torch.Tensor] = {}
@@ -151,7 +156,7 @@ class StoryCall:
             groups.append(ReadGroup(
                 rows=torch.tensor(members, device=device),
                 bank_rows=bank_rows,
-                names=tuple(names[row] for row in members),
+                names=tuple((self.first_chunk + names[row][0], names[row][1]) for row in members),
                 everyone=len(members) == len(names),
             ))
         long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731

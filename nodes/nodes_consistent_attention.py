@@ -86,9 +86,10 @@ class ConsistentSelfAttention(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "panels_per_call", optional=True, default=0, min=0, max=4096,
-                    tooltip="With a story: panels per model call. 0 = as many as fit in free memory (ComfyUI's own "
-                    "estimate). A smaller number keeps memory flat for long stories: identity panels run first, then "
-                    "the others this many at a time; the images are the same.",
+                    tooltip="With a story: the most panels one model call holds. 0 = as many as fit in free memory "
+                    "(ComfyUI's own estimate). When the story does not fit in one call, the positive and negative "
+                    "halves run in separate calls, identity panels first, then the other panels this many at a "
+                    "time, so memory stays flat however long the story is; the images are the same.",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],

@@ -1,23 +1,26 @@
 """One model call over a story, run a few panels at a time (the APPLY_MODEL wrapper's story mode).
 
-ComfyUI calls the model with every panel of the batch (times its conditioning chunks). The call
-is split into the panel subsets of ``StoryCast.call_plan``: identity panels first, so their
-tokens are in the call's bank before any other panel reads them, then the other panels,
-``panels_per_call`` at a time. Each subset keeps every chunk (cond and uncond rows of the same
-panels), so ``cond_or_uncond`` stays true for every patch that reads it. Each model input with a
-row per batch row (latents, timesteps, prompts, ControlNet residuals, extra conds) is cut to the
-subset's rows, and the outputs are put back in ComfyUI's row order.
+ComfyUI calls the model with every panel of the batch, once per conditioning chunk it batched
+together (``[uncond; cond]`` with CFG). When all of it fits (``panels_per_call`` 0 and enough free
+memory, or ``panels_per_call`` at least the call's rows) it runs as one call. Otherwise each chunk
+runs on its own, as ComfyUI itself runs chunks under memory pressure, in the panel subsets of
+``StoryCast.call_plan``: identity panels first, so their tokens are in the chunk's bank before any
+other panel reads them, then the other panels, ``panels_per_call`` at a time. A chunk's bank is
+dropped before the next chunk starts. Each model input with a row per batch row (latents,
+timesteps, prompts, ControlNet residuals, extra conds) is cut to the sub-call's rows,
+``cond_or_uncond`` and ``uuids`` to its chunk, and the outputs go back in ComfyUI's row order.
 """
 from __future__ import annotations
 
 import torch
 
-from ..attention import ConsistentAttentionError, StoryCall, call_rows, panels_per_chunk, take_rows
+from ..attention import ConsistentAttentionError, StoryCall, panels_per_chunk, take_rows
 
 
 def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, control, options: dict, **kwargs):
-    chunks = len(options.get("cond_or_uncond") or [0])
-    panels = panels_per_chunk(x.shape[0], chunks)
+    cond_or_uncond = options.get("cond_or_uncond") or [0]
+    chunks, rows = len(cond_or_uncond), x.shape[0]
+    panels = panels_per_chunk(rows, chunks)
     cast = patch.cast
     if panels != cast.panels:
         raise ConsistentAttentionError(
@@ -25,55 +28,58 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
             "panel_count into the latent's batch_size and its story into Consistent Self-Attention, from the same "
             "Story Prompts node."
         )
-    story = StoryCall(planner, cast, chunks)
-    per_call = patch.panels_per_call or panels_that_fit(executor.class_obj, x, chunks, panels)
-    plan = cast.call_plan(per_call)
-    if len(plan) == 1:  # every panel in one call, in ComfyUI's order: nothing to cut
-        patch.prepare(options, planner, story, plan[0])
+    per_call = patch.panels_per_call or rows_that_fit(executor.class_obj, x)
+    if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
+        patch.prepare(options, planner, StoryCall(planner, cast, chunks), tuple(range(panels)))
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
-    refuse_single_call_recorders(options, cast.panels)
-    rows = x.shape[0]
+    refuse_single_call_recorders(options, rows)
+    uuids = options.get("uuids")
     out = None
-    for subset in plan:
-        index = torch.tensor(call_rows(subset, chunks, panels), device=x.device)
+    for chunk in range(chunks):
+        story = StoryCall(planner, cast, 1, first_chunk=chunk)  # this chunk's identity bank
+        for subset in cast.call_plan(per_call):
+            index = torch.tensor([chunk * panels + panel for panel in subset], device=x.device)
 
-        def take(value, name):
-            return take_rows(value, index, rows, name)
+            def take(value, name):
+                return take_rows(value, index, rows, name)
 
-        sub_options = patch.prepare(dict(options), planner, story, subset)
-        if "sigmas" in options:  # one sigma per panel (ComfyUI's per-chunk timestep)
-            sub_options["sigmas"] = take_rows(options["sigmas"], torch.tensor(subset), panels, "sigmas")
-        result = executor(
-            take(x, "x"), take(t, "timestep"), take(c_concat, "c_concat"), take(c_crossattn, "c_crossattn"),
-            take(control, "control"), sub_options, **{name: take(value, name) for name, value in kwargs.items()},
-        )
-        if out is None:
-            out = result.new_empty((rows,) + tuple(result.shape[1:]))
-        out.index_copy_(0, index.to(result.device), result)
+            sub_options = patch.prepare(dict(options), planner, story, subset)
+            sub_options["cond_or_uncond"] = cond_or_uncond[chunk:chunk + 1]
+            if uuids is not None and len(uuids) == chunks:
+                sub_options["uuids"] = uuids[chunk:chunk + 1]
+            if "sigmas" in options:  # one sigma per panel (ComfyUI's per-chunk timestep)
+                sub_options["sigmas"] = take_rows(options["sigmas"], torch.tensor(subset), panels, "sigmas")
+            result = executor(
+                take(x, "x"), take(t, "timestep"), take(c_concat, "c_concat"), take(c_crossattn, "c_crossattn"),
+                take(control, "control"), sub_options, **{name: take(value, name) for name, value in kwargs.items()},
+            )
+            if out is None:
+                out = result.new_empty((rows,) + tuple(result.shape[1:]))
+            out.index_copy_(0, index.to(result.device), result)
     return out
 
 
-def refuse_single_call_recorders(options: dict, panels: int) -> None:
+def refuse_single_call_recorders(options: dict, rows: int) -> None:
     """Self-Attention Guidance keeps the attention map of the last model call it saw and applies it to
     the whole batch (a limitation its own source marks TODO); split over several calls it would
     silently use the wrong panels' map."""
     replaced = (options.get("patches_replace") or {}).get("attn1") or {}
     if any("SelfAttentionGuidance" in getattr(fn, "__qualname__", "") for fn in replaced.values()):
         raise ConsistentAttentionError(
-            f"Self-Attention Guidance needs the whole batch in one model call, but this story of {panels} panels "
-            f"runs in several. Set panels_per_call to {panels} (needs the memory for every panel at once) or use "
-            "Perturbed-Attention Guidance, which works with any panels_per_call."
+            f"Self-Attention Guidance needs the whole batch in one model call, but this story's {rows} rows (panels "
+            f"times CFG halves) run in several. Set panels_per_call to {rows} (needs the memory for all of them at "
+            "once) or use Perturbed-Attention Guidance, which works with any panels_per_call."
         )
 
 
-def panels_that_fit(base_model, x: torch.Tensor, chunks: int, panels: int) -> int:
-    """How many panels (all their chunks) one model call can hold now: ComfyUI's own rule for
-    batching conditionings (``samplers._calc_cond_batch``: estimated need x 1.5 under free memory)."""
+def rows_that_fit(base_model, x: torch.Tensor) -> int:
+    """How many rows one model call can hold now: ComfyUI's own rule for batching conditionings
+    (``samplers._calc_cond_batch``: estimated need x 1.5 under free memory)."""
     import comfy.model_management
 
     free = comfy.model_management.get_free_memory(x.device)
-    per_panel = base_model.memory_required([chunks] + list(x.shape[1:]))
-    if per_panel <= 0:
-        return panels
-    return max(1, min(panels, int(free / (1.5 * per_panel))))
+    per_row = base_model.memory_required([1] + list(x.shape[1:]))
+    if per_row <= 0:
+        return x.shape[0]
+    return max(1, int(free / (1.5 * per_row)))
