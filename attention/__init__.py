@@ -9,7 +9,7 @@ from .cast import MAX_IDENTITY_PANELS, StoryCast
 from .config import ConsistentAttentionError, CSAConfig, parse_block_list
 from .layers import downsample_factor
 from .planner import CallPlanner, layer_seed, panels_per_chunk
-from .rows import call_rows, take_rows
+from .rows import call_rows, index_tensor, take_rows
 from .schedule import Step, layer_active, locate_step, mix_seed, step_in_range
 from .story_attention import StoryCall
 from .tokens import GatherPlan, append_reference, neighbour_table, plan_gather, sampled_count
@@ -25,6 +25,7 @@ __all__ = [
     "StoryCast",
     "append_reference",
     "call_rows",
+    "index_tensor",
     "downsample_factor",
     "layer_active",
     "layer_seed",

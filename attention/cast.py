@@ -98,8 +98,10 @@ class StoryCast:
         order (the identity panels are in that batch). Otherwise identity panels first, one
         character's group never split (a group larger than ``panels_per_call`` runs alone), groups
         packed in character order; then the other panels in story order, ``panels_per_call`` at a
-        time. The identity calls depend only on the identity panels and ``panels_per_call``, so
-        the identities do not change when other panels are added, removed or edited.
+        time. Within each of these calls, panels reading as many identity panels sit together, so
+        each group of rows is a slice of the call. The identity calls depend only on the identity
+        panels and ``panels_per_call``, so the identities do not change when other panels are
+        added, removed or edited.
         """
         if panels_per_call < 0:
             raise ConsistentAttentionError(f"panels_per_call must be 0 (as many as fit) or positive, got {panels_per_call}.")
@@ -117,7 +119,7 @@ class StoryCast:
         identity = set(self.identity_panels)
         others = [panel for panel in range(self.panels) if panel not in identity]
         calls.extend(tuple(others[i:i + panels_per_call]) for i in range(0, len(others), panels_per_call))
-        return tuple(calls)
+        return tuple(tuple(sorted(call, key=lambda panel: len(self.sources(panel)))) for call in calls)
 
     def largest_call(self, panels_per_call: int) -> int:
         return max(len(call) for call in self.call_plan(panels_per_call))

@@ -12,6 +12,13 @@ import torch
 from .config import ConsistentAttentionError
 
 
+def index_tensor(values, device) -> torch.Tensor:
+    """Long indices on ``device``. Copied without waiting for the device: a blocking host-to-device
+    copy synchronises the stream, and at a few copies per sub-call, dozens of sub-calls per step,
+    the GPU would idle while the host catches up."""
+    return torch.tensor(list(values), dtype=torch.long).to(device, non_blocking=True)
+
+
 def call_rows(panels: tuple[int, ...], chunks: int, panels_per_chunk: int) -> list[int]:
     """Batch rows of ``panels`` in every chunk (row ``c * panels_per_chunk + p``), chunk-major."""
     return [chunk * panels_per_chunk + panel for chunk in range(chunks) for panel in panels]
@@ -31,7 +38,7 @@ def take_rows(value, index: torch.Tensor, rows: int, name: str):
                 "panels_per_call to 0 with enough memory for every panel at once, or remove the node that adds "
                 f"'{name}'."
             )
-        return value.index_select(0, index.to(value.device))
+        return value.index_select(0, index.to(value.device, non_blocking=True))
     if isinstance(value, (list, tuple)):
         return type(value)(take_rows(item, index, rows, f"{name}[{i}]") for i, item in enumerate(value))
     if isinstance(value, dict):

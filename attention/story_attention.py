@@ -23,6 +23,7 @@ import torch
 
 from .cast import StoryCast
 from .planner import CallPlanner
+from .rows import index_tensor
 from .tokens import sampled_count
 
 # attend(q, k, v, rows) -> output rows; ``rows`` names each row as (chunk, panel).
@@ -37,6 +38,14 @@ class ReadGroup:
     bank_rows: torch.Tensor | None  # [G, n] rows of the bank each reads; None when n == 0
     names: tuple  # (chunk, panel) of each row
     everyone: bool  # the group is the whole sub-call, in order
+    span: tuple[int, int] | None  # (first row, row count) when the rows are consecutive: views, no copies
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        if self.everyone:
+            return t
+        if self.span is not None:
+            return t.narrow(0, *self.span)
+        return t.index_select(0, self.rows)
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,7 @@ class StoryCall:
         for group in rows.groups:
             if group.everyone and group.bank_rows is None:
                 return None  # nobody here reads anything: plain attention
-            q_g, k_g, v_g = (t if group.everyone else t.index_select(0, group.rows) for t in (q, k, v))
+            q_g, k_g, v_g = (group.take(t) for t in (q, k, v))
             if group.bank_rows is not None:
                 if bank is None:
                     raise RuntimeError(f"layer {layer}: identity tokens read before they were written")
@@ -149,18 +158,18 @@ class StoryCall:
         for n, members in sorted(by_count.items()):
             bank_rows = None
             if n:
-                bank_rows = torch.tensor(
-                    [[names[row][0] * self.slots + slot for slot in self.cast.sources(names[row][1])] for row in members],
-                    device=device,
-                )
+                bank = [names[row][0] * self.slots + slot for row in members for slot in self.cast.sources(names[row][1])]
+                bank_rows = index_tensor(bank, device).view(len(members), n)
+            consecutive = members == list(range(members[0], members[0] + len(members)))
             groups.append(ReadGroup(
-                rows=torch.tensor(members, device=device),
+                rows=index_tensor(members, device),
                 bank_rows=bank_rows,
                 names=tuple((self.first_chunk + names[row][0], names[row][1]) for row in members),
                 everyone=len(members) == len(names),
+                span=(members[0], len(members)) if consecutive else None,
             ))
-        long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        return SubCallRows(long([w[0] for w in writes]), long([w[1] for w in writes]), tuple(groups))
+        return SubCallRows(index_tensor([w[0] for w in writes], device), index_tensor([w[1] for w in writes], device),
+                           tuple(groups))
 
 
 def _extend(own: torch.Tensor, stored: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:

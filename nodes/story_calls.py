@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import ConsistentAttentionError, StoryCall, panels_per_chunk, take_rows
+from ..attention import ConsistentAttentionError, StoryCall, index_tensor, panels_per_chunk, take_rows
 
 
 def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, control, options: dict, **kwargs):
@@ -39,7 +39,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
     for chunk in range(chunks):
         story = StoryCall(planner, cast, 1, first_chunk=chunk)  # this chunk's identity bank
         for subset in cast.call_plan(per_call):
-            index = torch.tensor([chunk * panels + panel for panel in subset], device=x.device)
+            index = index_tensor([chunk * panels + panel for panel in subset], x.device)
 
             def take(value, name):
                 return take_rows(value, index, rows, name)
@@ -49,14 +49,14 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
             if uuids is not None and len(uuids) == chunks:
                 sub_options["uuids"] = uuids[chunk:chunk + 1]
             if "sigmas" in options:  # one sigma per panel (ComfyUI's per-chunk timestep)
-                sub_options["sigmas"] = take_rows(options["sigmas"], torch.tensor(subset), panels, "sigmas")
+                sub_options["sigmas"] = take_rows(options["sigmas"], index_tensor(subset, "cpu"), panels, "sigmas")
             result = executor(
                 take(x, "x"), take(t, "timestep"), take(c_concat, "c_concat"), take(c_crossattn, "c_crossattn"),
                 take(control, "control"), sub_options, **{name: take(value, name) for name, value in kwargs.items()},
             )
             if out is None:
                 out = result.new_empty((rows,) + tuple(result.shape[1:]))
-            out.index_copy_(0, index.to(result.device), result)
+            out.index_copy_(0, index, result)
     return out
 
 

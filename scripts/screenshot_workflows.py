@@ -142,7 +142,9 @@ def expected_badge(story_text: str) -> str:
 
     story = parse_story(story_text)
     panels, characters = len(story.panels), len(story.characters)
-    return f"{panels} panel{'' if panels == 1 else 's'} · {characters} character{'' if characters == 1 else 's'}"
+    lonely = [c.name for c in story.characters if not any(p.characters == (c.name,) for p in story.panels)]
+    warning = f" · {', '.join(f'[{name}]' for name in lonely)} never alone" if lonely else ""
+    return f"{panels} panel{'' if panels == 1 else 's'} · {characters} character{'' if characters == 1 else 's'}{warning}"
 
 
 class Console:

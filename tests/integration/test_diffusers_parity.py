@@ -194,14 +194,15 @@ SIZE_CONDS = {"width": 8 * LATENT, "height": 8 * LATENT, "crop_w": 0, "crop_h": 
               "target_width": 8 * LATENT, "target_height": 8 * LATENT}
 
 
-def comfy_sample(hosts: Hosts, config=None) -> list:
-    """ComfyUI's CFGGuider, euler, STEPS steps; CSA installed on a clone when ``config`` is given."""
+def comfy_sample(hosts: Hosts, config=None, cast=None) -> list:
+    """ComfyUI's CFGGuider, euler, STEPS steps; CSA installed on a clone when ``config`` is given
+    (story mode with ``cast``)."""
     import comfy.samplers
     from consistent_story.nodes.csa_patch import ConsistentAttentionPatch
 
     model = hosts.patcher.clone()
     if config is not None:
-        ConsistentAttentionPatch(config).install(model)
+        ConsistentAttentionPatch(config, cast).install(model)
     recorder = StepRecorder()
     model.set_model_sampler_post_cfg_function(recorder)
 
@@ -311,6 +312,31 @@ def test_csa_agrees_across_hosts(hosts, family, case, record_property):
             assert comfy_change == our_change == 0.0, "idle layers must run the exact default attention"
         checked += 1
     assert checked == (STEPS if case == "off" else 1 + (config.schedule == "official"))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_story_rules_agree_across_hosts(hosts, family, record_property):
+    """Two characters, a two-character panel and an [NC] panel, in one UNet call on both hosts."""
+    from consistent_story.attention import StoryCast
+    from consistent_story.attention.diffusers_processor import install_consistent_attention
+
+    h = hosts(family)
+    cast = StoryCast.from_panels(("Bob", "Alice"), ((0,), (1,), (0, 1), ()), 2)
+    config = csa()
+    comfy_story = comfy_sample(h, config, cast)
+    state = install_consistent_attention(h.unet, config, cast=cast)
+    try:
+        ours = [diffusers_eps(h, x, sigma, state, step) for step, (x, sigma, _) in enumerate(comfy_story)]
+    finally:
+        state.remove()
+    across = [relative_error(a, eps) for a, (_, _, eps) in zip(ours, comfy_story)]
+    print(f"\n[{family}/story] diffusers vs ComfyUI, max relative error per step: {across}")
+    record_property("cross_host_relative_errors", across)
+    assert max(across) < TOLERANCE
+    first_step_change = relative_error(comfy_story[0][2], h.comfy_vanilla[0][2])
+    batch_mode = comfy_sample(h, config)
+    assert first_step_change > CLEAR_EFFECT, "the story changes the output"
+    assert relative_error(comfy_story[0][2], batch_mode[0][2]) > CLEAR_EFFECT, "and not as batch mode does"
 
 
 def test_state_follows_the_unet_calls_and_chunks(hosts):
