@@ -7,8 +7,14 @@ panels are ordinary panels of the same sampler batch, so they cost nothing extra
 the other identity panels of their own character, so an identity never depends on the rest of
 the story.
 
+A character may instead come from the user's images: its identity is then its *reference rows*,
+extra rows that the host adds to each model call (the clean reference latents noised to the
+current step) and whose output it drops. They read nothing, so their features are those of the
+reference alone, and every panel showing that character reads them, its solo panels included.
+Reference rows are numbered as panels after the story's: ``panels``, ``panels + 1``, ...
+
 Identity panels are addressed by *slot*: their position in ``StoryCast.identity_panels``
-(character after character, each character's panels in story order). Plain Python, no torch.
+(character after character, each character's panels or references in order). Plain Python.
 """
 from __future__ import annotations
 
@@ -25,19 +31,23 @@ class StoryCast:
 
     names: the characters, in the story's order.
     panel_characters: per panel, the indices (into ``names``) of the characters it shows.
-    identity: per character, the story indices of its identity panels.
+    identity: per character, the indices of its identity panels (reference rows for a character
+      made from images).
+    references: per character, how many reference rows it has (0: its identity is generated).
     """
 
     names: tuple[str, ...]
     panel_characters: tuple[tuple[int, ...], ...]
     identity: tuple[tuple[int, ...], ...]
+    references: tuple[int, ...] = ()
 
     @classmethod
-    def from_panels(cls, names, panel_characters, identity_panels: int) -> "StoryCast":
-        """Pick each character's first ``identity_panels`` single-character panels.
+    def from_panels(cls, names, panel_characters, identity_panels: int, references=()) -> "StoryCast":
+        """Pick each character's first ``identity_panels`` single-character panels, or its
+        ``references[c]`` reference rows when it has any.
 
-        A character with fewer such panels uses those it has; one that never appears alone has
-        no identity and is an error naming it.
+        A character with fewer solo panels uses those it has; one that never appears alone and
+        has no reference has no identity and is an error naming it.
         """
         if not 1 <= identity_panels <= MAX_IDENTITY_PANELS:
             raise ConsistentAttentionError(
@@ -49,21 +59,37 @@ class StoryCast:
             bad = [c for c in chars if not 0 <= c < len(names)]
             if bad:
                 raise ConsistentAttentionError(f"panel {panel} names characters {bad}, but the story has {len(names)}.")
+        references = tuple(references) or (0,) * len(names)
+        if len(references) != len(names) or min(references, default=0) < 0:
+            raise ConsistentAttentionError(f"references must give a count per character, got {references}.")
         identity = []
+        next_reference = len(panel_characters)
         for index, name in enumerate(names):
+            if references[index]:
+                identity.append(tuple(range(next_reference, next_reference + references[index])))
+                next_reference += references[index]
+                continue
             solo = [panel for panel, chars in enumerate(panel_characters) if chars == (index,)]
             if not solo:
                 raise ConsistentAttentionError(
                     f"[{name}] never appears alone in a panel, so it has no identity panel to read from. Add a "
                     f"panel in which [{name}] is the only character (e.g. '[{name}] looks out of the window'); "
-                    f"its first {identity_panels} such panels make its identity."
+                    f"its first {identity_panels} such panels make its identity. Or give it reference images."
                 )
             identity.append(tuple(solo[:identity_panels]))
-        return cls(names, panel_characters, tuple(identity))
+        return cls(names, panel_characters, tuple(identity), references)
 
     @property
     def panels(self) -> int:
         return len(self.panel_characters)
+
+    @property
+    def reference_panels(self) -> tuple[int, ...]:
+        """The reference rows, numbered after the story's panels, in slot order."""
+        return tuple(range(self.panels, self.panels + sum(self.references)))
+
+    def character_of_reference(self, panel: int) -> int:
+        return next(c for c, panels in enumerate(self.identity) if self.references[c] and panel in panels)
 
     @property
     def identity_panels(self) -> tuple[int, ...]:
@@ -85,6 +111,8 @@ class StoryCast:
         """The identity slots ``panel`` reads: an identity panel reads the other identity panels of
         its character; any other panel reads every identity panel of the characters it names; a
         panel without characters reads nothing."""
+        if panel >= self.panels:
+            return ()  # a reference row: the reference alone
         own = self.slot_of(panel)
         if own is not None:
             character = self.panel_characters[panel][0]
@@ -95,7 +123,8 @@ class StoryCast:
         """The panel subsets of one model call, run in this order.
 
         ``panels_per_call`` 0 or at least the story's length: one call over every panel in story
-        order (the identity panels are in that batch). Otherwise identity panels first, one
+        order (the identity panels are in that batch). Reference rows are in no call: the host
+        runs them before these. Otherwise identity panels first, one
         character's group never split (a group larger than ``panels_per_call`` runs alone), groups
         packed in character order; then the other panels in story order, ``panels_per_call`` at a
         time. Within each of these calls, panels reading as many identity panels sit together, so
@@ -109,7 +138,7 @@ class StoryCast:
             return (tuple(range(self.panels)),)
         calls: list[tuple[int, ...]] = []
         current: list[int] = []
-        for group in self.identity:
+        for group in self.generated_identity:
             if current and len(current) + len(group) > panels_per_call:
                 calls.append(tuple(current))
                 current = []
@@ -121,5 +150,11 @@ class StoryCast:
         calls.extend(tuple(others[i:i + panels_per_call]) for i in range(0, len(others), panels_per_call))
         return tuple(tuple(sorted(call, key=lambda panel: len(self.sources(panel)))) for call in calls)
 
+    @property
+    def generated_identity(self) -> tuple[tuple[int, ...], ...]:
+        """The identity panels of the characters without references, per character."""
+        return tuple(panels for c, panels in enumerate(self.identity) if not self.references[c])
+
     def largest_call(self, panels_per_call: int) -> int:
-        return max(len(call) for call in self.call_plan(panels_per_call))
+        """The most rows one chunk's call holds: a call of the plan, or the reference rows."""
+        return max([len(call) for call in self.call_plan(panels_per_call)] + [len(self.reference_panels)])

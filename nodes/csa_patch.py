@@ -83,10 +83,11 @@ def check_panel_batch(executor, noise, *args, story_panels: int | None = None, *
 class ConsistentAttentionPatch:
     """Frozen options of one CSA node: ``cast`` None = batch mode (every panel reads the others)."""
 
-    def __init__(self, config: CSAConfig, cast: StoryCast | None = None, panels_per_call: int = 0):
+    def __init__(self, config: CSAConfig, cast: StoryCast | None = None, panels_per_call: int = 0, references=()):
         self.config = config
         self.cast = cast
         self.panels_per_call = panels_per_call
+        self.references = tuple(references)  # CharacterReference per character with images, in cast order
 
     def __deepcopy__(self, memo):
         return self  # immutable: every clone of the model shares this patch

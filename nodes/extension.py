@@ -1,9 +1,9 @@
 """The pack's ComfyExtension: every node module exports ``NODES``."""
 from comfy_api.latest import ComfyExtension, io
 
-from . import nodes_comic, nodes_consistent_attention, nodes_story
+from . import nodes_character, nodes_comic, nodes_consistent_attention, nodes_story
 
-NODE_MODULES = (nodes_consistent_attention, nodes_story, nodes_comic)
+NODE_MODULES = (nodes_consistent_attention, nodes_story, nodes_character, nodes_comic)
 
 
 class ConsistentStoryExtension(ComfyExtension):

@@ -114,7 +114,8 @@ class ConsistentSelfAttention(io.ComfyNode):
         if not config.enabled:
             return io.NodeOutput(model)
         patched = model.clone()
-        ConsistentAttentionPatch(config, cast, panels_per_call).install(patched)
+        references = story.references if story is not None else ()
+        ConsistentAttentionPatch(config, cast, panels_per_call, references).install(patched)
         return io.NodeOutput(patched)
 
 

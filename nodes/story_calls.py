@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import ConsistentAttentionError, StoryCall, index_tensor, panels_per_chunk, take_rows
+from .references import check_references, reference_inputs
 
 
 def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, control, options: dict, **kwargs):
@@ -28,9 +29,13 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
             "panel_count into the latent's batch_size and its story into Consistent Self-Attention, from the same "
             "Story Prompts node."
         )
+    if patch.references:
+        check_references(patch.references, executor.class_obj, tuple(x.shape[-2:]))
     per_call = patch.panels_per_call or rows_that_fit(executor.class_obj, x)
     if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
-        patch.prepare(options, planner, StoryCall(planner, cast, chunks), tuple(range(panels)))
+        story = StoryCall(planner, cast, chunks)
+        run_reference_rows(patch, planner, story, executor, x, t, options, range(chunks))
+        patch.prepare(options, planner, story, tuple(range(panels)))
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
     refuse_single_call_recorders(options, rows)
@@ -38,6 +43,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
     out = None
     for chunk in range(chunks):
         story = StoryCall(planner, cast, 1, first_chunk=chunk)  # this chunk's identity bank
+        run_reference_rows(patch, planner, story, executor, x, t, options, range(chunk, chunk + 1))
         for subset in cast.call_plan(per_call):
             index = index_tensor([chunk * panels + panel for panel in subset], x.device)
 
@@ -58,6 +64,25 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
                 out = result.new_empty((rows,) + tuple(result.shape[1:]))
             out.index_copy_(0, index, result)
     return out
+
+
+def run_reference_rows(patch, planner, story, executor, x, t, options: dict, chunks: range) -> None:
+    """Evaluate the reference rows of ``chunks`` so their tokens are in ``story``'s bank; the
+    output is dropped (the story's images are its panels)."""
+    if not patch.references:
+        return
+    cond_or_uncond = options.get("cond_or_uncond") or [0]
+    kinds = [cond_or_uncond[chunk] for chunk in chunks]
+    x_ref, t_ref, c_concat, c_crossattn, extra = reference_inputs(
+        executor.class_obj, patch.references, x, t.reshape(-1)[:1], kinds, patch.config.seed)
+    sub_options = patch.prepare(dict(options), planner, story, patch.cast.reference_panels)
+    sub_options["cond_or_uncond"] = kinds
+    uuids = options.get("uuids")
+    if uuids is not None and len(uuids) == len(cond_or_uncond):
+        sub_options["uuids"] = [uuids[chunk] for chunk in chunks]
+    if "sigmas" in options:
+        sub_options["sigmas"] = t_ref[:len(patch.cast.reference_panels)]
+    executor(x_ref, t_ref, c_concat, c_crossattn, None, sub_options, **extra)
 
 
 def refuse_single_call_recorders(options: dict, rows: int) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..attention.cast import StoryCast
 
@@ -139,6 +139,13 @@ class Story:
     characters: tuple[Character, ...]
     style: str
     negative: str  # user's negative merged with the style's
+    # Characters drawn from the user's images (nodes/references.CharacterReference), in character order.
+    references: tuple = ()
+    template: str = PROMPT_SLOT  # the style's template
+
+    def character_prompt(self, name: str) -> str:
+        """What a reference image of ``name`` is prompted with: its description, in the story's style."""
+        return self.template.replace(PROMPT_SLOT, self.character(name).description)
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -156,10 +163,21 @@ class Story:
 
     def cast(self, identity_panels: int) -> StoryCast:
         """Who reads whom: each character's first ``identity_panels`` single-character panels are
-        its identity panels (a character never alone is an error naming it)."""
+        its identity panels (a character never alone is an error naming it), or its reference
+        images when it has some."""
         index = {character.name: i for i, character in enumerate(self.characters)}
         panel_characters = [tuple(index[name] for name in panel.characters) for panel in self.panels]
-        return StoryCast.from_panels([c.name for c in self.characters], panel_characters, identity_panels)
+        counts = {ref.name: ref.count for ref in self.references}
+        return StoryCast.from_panels([c.name for c in self.characters], panel_characters, identity_panels,
+                                     [counts.get(c.name, 0) for c in self.characters])
+
+    def with_reference(self, reference) -> "Story":
+        """A copy of the story in which ``reference.name`` is drawn from ``reference`` (replacing any
+        earlier reference of that character); references stay in character order."""
+        self.character(reference.name)  # KeyError for a name the story does not define
+        order = [c.name for c in self.characters]
+        kept = [ref for ref in self.references if ref.name != reference.name] + [reference]
+        return replace(self, references=tuple(sorted(kept, key=lambda ref: order.index(ref.name))))
 
     def identity_panels(self, per_character: int) -> dict[str, tuple[int, ...]]:
         """Character name -> the story indices of its identity panels."""
@@ -216,7 +234,8 @@ def parse_story(text: str, style: str = DEFAULT_STYLE, custom_template: str = ""
         for index, (number, prompt, caption, names) in enumerate(panel_lines)
     )
     _check_all_used(characters, panels)
-    return Story(panels, tuple(characters.values()), chosen.name, merge_negatives(negative, chosen.negative))
+    return Story(panels, tuple(characters.values()), chosen.name, merge_negatives(negative, chosen.negative),
+                 template=chosen.template)
 
 
 def _tag_names(prompt: str, number: int) -> list[str]:
