@@ -55,8 +55,11 @@ class CallTimer:
         state = options.get(self.state_key)
         kind = "plain"
         if state is not None and state.story is not None:
-            identity = set(state.story.cast.identity_panels)
-            kind = "identity" if set(state.panels) <= identity else "read"
+            cast = state.story.cast
+            if cast.reference_panels and set(state.panels) <= set(cast.reference_panels):
+                kind = "reference"
+            else:
+                kind = "identity" if set(state.panels) <= set(cast.identity_panels) else "read"
         rows = args[0].shape[0]
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -99,12 +102,24 @@ class StoryBench:
         self.output_layers = sum(1 for block in self.base.model.diffusion_model.output_blocks
                                  for m in block.modules() if type(m).__name__ == "BasicTransformerBlock")
 
-    def model(self, panels: int | None, per_call: int, probe=None):
+    def references(self, images: int) -> tuple:
+        """Bob drawn from ``images`` random reference latents, with a random description prompt."""
+        torch, side = self.torch, self.args.size // 8
+        gen = torch.Generator().manual_seed(7)
+        conditioning = lambda: [[torch.randn(1, 77, 2048, generator=gen),  # noqa: E731
+                                 {"pooled_output": torch.randn(1, 1280, generator=gen)}]]
+        references = sys.modules[f"{bench_host.PACK_NAME}.nodes.references"]
+        return (references.CharacterReference("Bob", torch.randn(images, 4, side, side, generator=gen),
+                                              conditioning(), conditioning(), "SDXL"),)
+
+    def model(self, panels: int | None, per_call: int, probe=None, reference_images: int = 0):
         model = self.base.clone()
         if panels is not None:
             config = self.engine.CSAConfig(rate_fine=0.5, rate_coarse=0.5, blocks="output", schedule="always")
-            cast = self.engine.StoryCast.from_panels(("Bob", "Alice"), panel_characters(panels), 2)
-            self.csa_patch.ConsistentAttentionPatch(config, cast, per_call).install(model)
+            references = self.references(reference_images) if reference_images else ()
+            cast = self.engine.StoryCast.from_panels(("Bob", "Alice"), panel_characters(panels), 2,
+                                                     (reference_images, 0))
+            self.csa_patch.ConsistentAttentionPatch(config, cast, per_call, references).install(model)
         self.step_timer = StepTimer(self.cuda)
         self.call_timer = CallTimer(self.cuda, self.csa_patch.STATE_KEY)
         model.set_model_unet_function_wrapper(self.step_timer)
@@ -140,9 +155,9 @@ class StoryBench:
                 "expected_layers": self.output_layers, "rows_seen": probe.rows,
                 "expected_rows": self.output_layers * 2 * panels}
 
-    def run(self, panels: int | None, batch: int, per_call: int) -> dict:
+    def run(self, panels: int | None, batch: int, per_call: int, reference_images: int = 0) -> dict:
         torch, steps = self.torch, self.args.steps
-        model = self.model(panels, per_call)
+        model = self.model(panels, per_call, reference_images=reference_images)
         self.sample(model, batch, 1)  # warm-up: kernels chosen, model loaded
         self.step_timer.take_ms(), self.call_timer.take()
         if self.cuda:
@@ -170,6 +185,7 @@ class StoryBench:
             "ms_per_step": statistics.median(steps_ms), "wall_s": wall, "sub_calls": by_kind,
             "resident_bytes": resident, "peak_bytes": torch.cuda.max_memory_allocated() if self.cuda else 0,
             "bank_bytes": self.call_timer.bank_bytes, "finite": bool(torch.isfinite(latent).all()),
+            "reference_images": reference_images,
         }
 
 
@@ -232,11 +248,12 @@ def main(argv=None) -> int:
     for panels in stories:
         results["checks"][f"story-{panels}"] = bench.verify(panels, per_call)
         print("check", panels, results["checks"][f"story-{panels}"], flush=True)
-    runs = [("vanilla-rows", None, per_call // 2), ("vanilla-panels", None, per_call)]
-    runs += [(f"story-{panels}", panels, panels) for panels in stories]
-    for name, story, batch in runs:
+    runs = [("vanilla-rows", None, per_call // 2, 0), ("vanilla-panels", None, per_call, 0)]
+    runs += [(f"story-{panels}", panels, panels, 0) for panels in stories]
+    runs += [(f"story-{stories[1]}-bob-from-2-images", stories[1], stories[1], 2)]
+    for name, story, batch, images in runs:
         try:
-            results["runs"][name] = bench.run(story, batch, per_call)
+            results["runs"][name] = bench.run(story, batch, per_call, images)
         except bench.torch.OutOfMemoryError as error:
             results["runs"][name] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
         print(name, json.dumps(results["runs"][name]), flush=True)

@@ -9,7 +9,8 @@ BEGIN = "<!-- story_bench: generated block, rewritten by bench/story_bench.py --
 END = "<!-- story_bench: end of generated block -->"
 GIB, MIB = 2**30, 2**20
 HEADER = ["run", "panels", "rows per UNet call", "ms/step", "ms per image-step", "x vanilla image (same rows/call)",
-          "x vanilla image (ppc images/call)", "read row ms", "x vanilla row", "identity calls ms/step", "peak GiB",
+          "x vanilla image (ppc images/call)", "read row ms", "x vanilla row", "identity calls ms/step",
+          "reference calls ms/step", "peak GiB",
           "x vanilla peak (same rows/call)", "x vanilla peak (ppc images/call)", "identity bank MiB"]
 
 
@@ -30,7 +31,7 @@ def rows(results: dict) -> list[list[str]]:
         calls = run["sub_calls"]
         per_image = run["ms_per_step"] / run["panels"]
         read = calls.get("read") or calls.get("plain")
-        identity = calls.get("identity")
+        identity, reference = calls.get("identity"), calls.get("reference")
         body.append([
             name, str(run["panels"]), "/".join(str(r) for c in calls.values() for r in c["rows_per_call"]),
             f"{run['ms_per_step']:.1f}", f"{per_image:.2f}",
@@ -38,6 +39,7 @@ def rows(results: dict) -> list[list[str]]:
             f"{read['ms_per_row_step']:.2f}" if read else "",
             f"{read['ms_per_row_step'] / row_ms:.3f}x" if read and row_ms else "",
             f"{identity['ms'] / run['steps']:.1f}" if identity else "",
+            f"{reference['ms'] / run['steps']:.1f}" if reference else "",
             f"{run['peak_bytes'] / GIB:.2f}",
             *(f"{run['peak_bytes'] / peak:.3f}x" if peak else "" for peak in peaks),
             f"{run['bank_bytes'] / MIB:.0f}" if run["story"] else "",
