@@ -25,7 +25,10 @@ def call_rows(panels: tuple[int, ...], chunks: int, panels_per_chunk: int) -> li
 
 
 def take_rows(value, index: torch.Tensor, rows: int, name: str):
-    """``value`` with only the batch rows ``index`` of every tensor of ``rows`` rows in it."""
+    """``value`` with only the batch rows ``index`` (a CPU tensor) of every tensor of ``rows`` rows in it.
+
+    The index stays on the CPU and is copied to each tensor's device without blocking; a model
+    input may sit on the CPU while the model runs on a GPU (ComfyUI moves it inside the call)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
@@ -38,7 +41,7 @@ def take_rows(value, index: torch.Tensor, rows: int, name: str):
                 "panels_per_call to 0 with enough memory for every panel at once, or remove the node that adds "
                 f"'{name}'."
             )
-        return value.index_select(0, index.to(value.device, non_blocking=True))
+        return value.index_select(0, index if value.device.type == "cpu" else index.to(value.device, non_blocking=True))
     if isinstance(value, (list, tuple)):
         return type(value)(take_rows(item, index, rows, f"{name}[{i}]") for i, item in enumerate(value))
     if isinstance(value, dict):

@@ -45,7 +45,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
         story = StoryCall(planner, cast, 1, first_chunk=chunk)  # this chunk's identity bank
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunk, chunk + 1))
         for subset in cast.call_plan(per_call):
-            index = index_tensor([chunk * panels + panel for panel in subset], x.device)
+            index = index_tensor([chunk * panels + panel for panel in subset], "cpu")
 
             def take(value, name):
                 return take_rows(value, index, rows, name)
@@ -62,7 +62,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
             )
             if out is None:
                 out = result.new_empty((rows,) + tuple(result.shape[1:]))
-            out.index_copy_(0, index, result)
+            out.index_copy_(0, index.to(result.device, non_blocking=True), result)
     return out
 
 
