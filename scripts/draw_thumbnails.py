@@ -24,6 +24,7 @@ GROUNDS = [(90, 120, 80), (120, 100, 80), (160, 120, 90), (200, 180, 120)]
 MIA, KIT = ("person", (200, 80, 40), (60, 150, 70)), ("animal", (235, 140, 50))
 BOB, ALICE = ("person", (40, 40, 40), (200, 50, 50)), ("person", (210, 90, 40), (70, 160, 90))
 TOM, REX = ("person", (60, 90, 200), (230, 190, 60)), ("animal", (140, 95, 60))
+TOBY = ("animal", (150, 100, 60))
 
 THUMBNAILS = {
     "comic_sd15": ("Consistent Story - SD1.5", "7 panels, two characters and a street: classic page", [2, 3, 2], [
@@ -34,6 +35,13 @@ THUMBNAILS = {
     "story_two_characters_sdxl": ("Two characters - SDXL", "each panel reads only the characters it shows", [3, 3], [
         ([BOB], "Always early."), ([ALICE], "Never early."), ([BOB], "Ten minutes late."),
         ([ALICE], "Made it!"), ([], "The long way north."), ([BOB, ALICE], "Same as ever."),
+    ]),
+    "character_from_image_sd15": ("Your own character - SD1.5", "Mia drawn from one picture of her", [3, 3], [
+        ([MIA], "A rainy Tuesday."), ([KIT], "Someone was waiting."), ([MIA, KIT], "Coming with me."),
+        ([KIT], "Safe and dry."), ([], "The storm passed."), ([MIA, KIT], "Best friends."),
+    ]),
+    "lora_story_sdxl": ("A character LoRA - SDXL", "a DreamBooth LoRA + Consistent Self-Attention", [2, 2], [
+        ([TOBY], "Winter again."), ([TOBY], "Wheee!"), ([], "Everyone was asleep."), ([TOBY], "Best part of winter."),
     ]),
     "long_story_sd15": ("A long story - SD1.5", "24 panels in one sampler, 4 per model call", [4, 4, 4], [
         ([TOM], ""), ([REX], ""), ([TOM, REX], ""), ([], ""), ([TOM], ""), ([TOM, REX], ""),

@@ -177,6 +177,29 @@ def build_controlnet(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
+def build_lora(kind: str, path: str | os.PathLike, seed: int = 0, rank: int = 4) -> Path:
+    """A random rank-``rank`` LoRA (kohya key names, as LoraLoader reads them) on every attention
+    projection of the UNet of ``kind``; strong enough to change what the UNet draws."""
+    import_comfyui()
+    import comfy.utils
+
+    model = _model_config(KINDS[kind]).get_model({}, device="meta")
+    tensors = {}
+    for name, weight in model.diffusion_model.state_dict().items():
+        if not (name.endswith(".weight") and weight.ndim == 2 and (".attn1." in name or ".attn2." in name)):
+            continue
+        key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+        out_features, in_features = weight.shape
+        generator = torch.Generator().manual_seed(_tensor_seed(seed, key))
+        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * in_features ** -0.5
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * rank ** -0.5
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(tensors, str(path))
+    return path
+
+
 def _model_config(spec: CheckpointKind):
     import comfy.supported_models
 

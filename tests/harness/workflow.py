@@ -33,6 +33,7 @@ REROUTE = "Reroute"
 PRIMITIVE = "PrimitiveNode"
 FRONTEND_ONLY = {"Note", "MarkdownNote", REROUTE, PRIMITIVE}
 COMIC_PAGE = "ConsistentStoryComicPage"
+CHARACTER_FROM_IMAGE = "ConsistentStoryCharacterFromImage"
 COMIC_PAGE_LENGTHS = {"page_width": 64, "gutter": 1, "margin": 1, "caption_font_size": 8}  # pixels, and their least
 
 
@@ -230,13 +231,14 @@ def set_widgets(prompt: dict, class_type: str, **values) -> None:
 
 
 def shrink(prompt: dict, size: int, steps: int) -> None:
-    """Smaller panels (width and height at most ``size``, ratio kept), fewer sampling steps, and
-    comic pages scaled like the panels, so they are not drawn blown up."""
+    """Smaller panels (width and height at most ``size``, ratio kept; character references alike),
+    fewer sampling steps, and comic pages scaled like the panels, so they are not drawn blown up."""
     scales = []
-    for node in nodes_of_type(prompt, "EmptyLatentImage").values():
-        width, height = node["inputs"]["width"], node["inputs"]["height"]
-        scales.append(min(1.0, size / max(width, height)))
-        node["inputs"].update(width=_multiple_of_8(width * scales[-1]), height=_multiple_of_8(height * scales[-1]))
+    for node_type in ("EmptyLatentImage", CHARACTER_FROM_IMAGE):
+        for node in nodes_of_type(prompt, node_type).values():
+            width, height = node["inputs"]["width"], node["inputs"]["height"]
+            scales.append(min(1.0, size / max(width, height)))
+            node["inputs"].update(width=_multiple_of_8(width * scales[-1]), height=_multiple_of_8(height * scales[-1]))
     set_widgets(prompt, "KSampler", steps=steps)
     scale = min(scales, default=1.0)
     for node in nodes_of_type(prompt, COMIC_PAGE).values():

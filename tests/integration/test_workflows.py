@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from harness.workflow import (
@@ -24,7 +25,8 @@ WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 # The CPU test checkpoint standing in for each workflow's model family.
 TEST_CHECKPOINT = {"comic_sd15": "sd15_small", "comic_sdxl": "vega_small", "long_story_sd15": "sd15_small",
-                   "story_two_characters_sdxl": "vega_small"}
+                   "story_two_characters_sdxl": "vega_small", "character_from_image_sd15": "sd15_small",
+                   "lora_story_sdxl": "vega_small"}
 SIZE, STEPS = 64, 2
 THUMBNAIL_MAX_BYTES = 60_000
 MODEL_FILE_WIDGETS = {"ckpt_name"}
@@ -101,8 +103,7 @@ def test_every_workflow_feeds_its_story_to_consistent_self_attention(path):
 
     workflow = load_workflow(path)
     prompts, csa = ui_node(workflow, "ConsistentStoryPrompts"), ui_node(workflow, "ConsistentStorySelfAttention")
-    story_link = next(e["link"] for e in csa["inputs"] if e["name"] == "story")
-    assert story_link in prompts["outputs"][4]["links"]
+    assert story_source(workflow, csa) is prompts, "the story reaches CSA from Story Prompts (maybe through characters)"
     story = parse_story(prompts["widgets_values"][0], prompts["widgets_values"][1])
     identity = story.identity_panels(csa["widgets_values"][10])  # a character never alone would raise
     assert len(identity) == len(story.characters) >= 1
@@ -113,6 +114,17 @@ def test_every_workflow_feeds_its_story_to_consistent_self_attention(path):
         assert len(story.panels) >= 24 and len(story.characters) == 2
         assert len(nodes_of_type_ui(workflow, "KSampler")) == 1 and csa["widgets_values"][11] > 0
         assert ui_node(workflow, "ConsistentStoryComicPage")["widgets_values"][7] < len(story.panels), "several pages"
+
+
+def story_source(workflow: dict, node: dict) -> dict:
+    """The node whose story output feeds ``node``'s story input, followed back through character nodes."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    while True:
+        link = next(e["link"] for e in node["inputs"] if e["name"] == "story")
+        node = nodes[links[link][1]]
+        if not node["type"].startswith("ConsistentStoryCharacter") and node["type"] != "ConsistentStoryLoadCharacter":
+            return node
 
 
 def nodes_of_type_ui(workflow: dict, node_type: str) -> list[dict]:
@@ -212,6 +224,25 @@ def min_page_height(page_inputs: dict) -> int:
     return 2 * margin + (page_inputs["page_width"] - 2 * margin - (per_row - 1) * gutter) // per_row
 
 
+def provide_user_files(prompt: dict, kind: str, comfy) -> None:
+    """What a workflow expects the user to have: the LoRA file of a LoraLoader (a random one for the
+    test checkpoint) and the picture of a LoadImage (a random one in the session's input folder)."""
+    import folder_paths
+
+    from harness.checkpoints import build_lora
+
+    for node in nodes_of_type(prompt, "LoraLoader").values():
+        folder = comfy.session_dir / "loras"
+        path = folder / f"random_{kind}_{node['inputs']['lora_name']}"
+        if not path.exists():
+            build_lora(kind, path)
+        folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+        node["inputs"]["lora_name"] = path.name
+    for node in nodes_of_type(prompt, "LoadImage").values():
+        picture = Image.fromarray((torch.rand(SIZE, SIZE, 3) * 255).byte().numpy())
+        picture.save(Path(folder_paths.get_input_directory()) / node["inputs"]["image"])
+
+
 @by_name(WORKFLOWS)
 def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner):
     workflow = load_workflow(path)
@@ -219,7 +250,9 @@ def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph
     absent = sorted(t for t in types if t not in comfy.NODE_CLASS_MAPPINGS)
     assert not absent, f"{path.name} uses node types this ComfyUI does not have: {absent}"
     prompt = ui_to_api(workflow, node_definitions(comfy.NODE_CLASS_MAPPINGS, types))
-    set_widgets(prompt, "CheckpointLoaderSimple", ckpt_name=checkpoints[TEST_CHECKPOINT[path.stem]])
+    kind = TEST_CHECKPOINT[path.stem]
+    set_widgets(prompt, "CheckpointLoaderSimple", ckpt_name=checkpoints[kind])
+    provide_user_files(prompt, kind, comfy)
     shrink(prompt, SIZE, STEPS)
 
     result = graph_runner(prompt)
@@ -242,3 +275,19 @@ def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph
     for file in saved:
         with Image.open(file) as image:
             assert image.format == "PNG" and image.size == (width, pages.shape[1])
+
+
+def test_the_test_lora_patches_every_attention_projection(comfy, loaded):
+    """The random LoRA that stands in for the user's (lora_story_sdxl) is one ComfyUI applies fully."""
+    import folder_paths
+
+    from harness.checkpoints import build_lora
+
+    folder = comfy.session_dir / "loras"
+    path = build_lora("vega_small", folder / "random_vega_small_check.safetensors")
+    folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+    model, clip = loaded("vega_small")
+    patched, _ = comfy.nodes.LoraLoader().load_lora(model, clip, path.name, 1.0, 1.0)
+    projections = [name for name, w in model.model.diffusion_model.state_dict().items()
+                   if name.endswith(".weight") and w.ndim == 2 and (".attn1." in name or ".attn2." in name)]
+    assert projections and len(patched.patches) == len(projections)
