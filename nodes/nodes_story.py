@@ -22,9 +22,36 @@ StoryType = io.Custom("CONSISTENT_STORY")
 MAX_TOKEN_REPEATS = 12
 
 
+PHOTOMAKER_TRIGGER = "photomaker"  # the word ComfyUI's PhotoMakerEncode replaces with the person's ID
+
+
 def encode(clip, text: str) -> dict:
     """CLIPTextEncode's encoding of one text: {"cond": [1, L, D], "pooled_output": [1, P], ...}."""
     return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+
+
+def panel_encoder(clip, photomaker=None, photomaker_image=None):
+    """``encode``, or, with a PhotoMaker model and a face image, ComfyUI's own PhotoMakerEncode for
+    every prompt containing the word 'photomaker' (the person's ID fused into the word before it)."""
+    if (photomaker is None) != (photomaker_image is None):
+        missing = "photomaker_image" if photomaker_image is None else "photomaker"
+        raise ValueError(f"{missing} is empty: PhotoMaker needs both the model (PhotoMaker Loader) and a face image.")
+    if photomaker is None:
+        return lambda text: encode(clip, text)
+    import nodes as comfy_nodes  # ComfyUI's node registry (this pack's nodes/ is imported relatively)
+
+    core = comfy_nodes.NODE_CLASS_MAPPINGS.get("PhotoMakerEncode")
+    if core is None:
+        raise ValueError("This ComfyUI has no PhotoMakerEncode node (comfy_extras/nodes_photomaker.py): update it.")
+
+    def encode_panel(text: str) -> dict:
+        if PHOTOMAKER_TRIGGER not in text.split(" "):
+            return encode(clip, text)
+        result = core.execute(photomaker=photomaker, image=photomaker_image, clip=clip, text=text)
+        [[cond, extras]] = result.result[0] if hasattr(result, "result") else result[0]
+        return {"cond": cond, **extras}
+
+    return encode_panel
 
 
 def common_token_length(lengths: list[int]) -> int:
@@ -115,6 +142,18 @@ class StoryPrompts(io.ComfyNode):
                     "negative", multiline=True, default="",
                     tooltip="Negative prompt for every panel, joined with the style's negative prompt.",
                 ),
+                io.Photomaker.Input(
+                    "photomaker", optional=True,
+                    tooltip="Optional, SDXL: a PhotoMaker model (core PhotoMaker Loader). Panels whose prompt contains "
+                    "the word 'photomaker' are encoded with the face in photomaker_image, as core PhotoMaker Encode "
+                    "does: write it after the class word in the character's description, e.g. '[Ann] a woman "
+                    "photomaker with short hair'.",
+                ),
+                io.Image.Input(
+                    "photomaker_image", optional=True,
+                    tooltip="With photomaker: the face image of the character whose description has the word "
+                    "'photomaker'.",
+                ),
             ],
             outputs=[
                 io.Conditioning.Output(
@@ -142,19 +181,26 @@ class StoryPrompts(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, story, style, negative, custom_style="") -> io.NodeOutput:
+    def execute(cls, clip, story, style, negative, custom_style="", photomaker=None,
+                photomaker_image=None) -> io.NodeOutput:
         if clip is None:
             raise ValueError(
                 "The clip input is empty: the checkpoint has no text encoder. Load one with a CLIP loader."
             )
         parsed = parse_story(story, style, custom_style, negative)
+        encode_panel = panel_encoder(clip, photomaker, photomaker_image)
+        if photomaker is not None and not any(PHOTOMAKER_TRIGGER in p.prompt.split(" ") for p in parsed.panels):
+            raise ValueError(
+                f"photomaker is connected but no panel prompt has the word '{PHOTOMAKER_TRIGGER}' (as a word of its own). "
+                "Put it after the class word of the character's description, e.g. '[Ann] a woman photomaker with short hair'."
+            )
         # The negative is one prompt: batch 1 is tiled to any batch by repeat_to_batch_size, so the
         # same output also fits a latent batch that differs from panel_count.
         negative_encoding = encode(clip, parsed.negative)
         progress = comfy.utils.ProgressBar(len(parsed.panels))
         encodings = []
         for panel in parsed.panels:
-            encodings.append(encode(clip, panel.prompt))
+            encodings.append(encode_panel(panel.prompt))
             progress.update(1)
         # Positive and negative share one token length so the sampler can run them in one batch.
         length = common_token_length([e["cond"].shape[1] for e in encodings + [negative_encoding]])

@@ -25,6 +25,7 @@ MIA, KIT = ("person", (200, 80, 40), (60, 150, 70)), ("animal", (235, 140, 50))
 BOB, ALICE = ("person", (40, 40, 40), (200, 50, 50)), ("person", (210, 90, 40), (70, 160, 90))
 TOM, REX = ("person", (60, 90, 200), (230, 190, 60)), ("animal", (140, 95, 60))
 TOBY = ("animal", (150, 100, 60))
+ANN = ("person", (30, 30, 30), (240, 200, 40))
 
 THUMBNAILS = {
     "comic_sd15": ("Consistent Story - SD1.5", "7 panels, two characters and a street: classic page", [2, 3, 2], [
@@ -42,6 +43,10 @@ THUMBNAILS = {
     ]),
     "lora_story_sdxl": ("A character LoRA - SDXL", "a DreamBooth LoRA + Consistent Self-Attention", [2, 2], [
         ([TOBY], "Winter again."), ([TOBY], "Wheee!"), ([], "Everyone was asleep."), ([TOBY], "Best part of winter."),
+    ]),
+    "photomaker_story_sdxl": ("PhotoMaker story - SDXL", "a face from a photo, a consistent look", [2, 2], [
+        ([ANN], "Her first night."), ([ANN], "Better than the guide."), ([], "The city never sleeps."),
+        ([ANN], "A new friend."),
     ]),
     "long_story_sd15": ("A long story - SD1.5", "24 panels in one sampler, 4 per model call", [4, 4, 4], [
         ([TOM], ""), ([REX], ""), ([TOM, REX], ""), ([], ""), ([TOM], ""), ([TOM, REX], ""),

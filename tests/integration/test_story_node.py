@@ -111,3 +111,30 @@ def test_token_lengths_without_small_common_multiple_are_refused(comfy, loaded):
     story = "\n".join("[NC] " + ", ".join(["pine"] * 37 * chunks) for chunks in (3, 5))
     with pytest.raises(ValueError, match=r"least common multiple, 1155 tokens.*Shorten"):
         run_node(comfy, clip, story, negative="")
+
+
+def test_photomaker_panels_are_core_photomaker_encodings(comfy, loaded):
+    """With a PhotoMaker model (random weights, real loader) and a face, the panels with the word
+    'photomaker' (every panel of the character whose description has it) are exactly core
+    PhotoMakerEncode's conditioning; the others plain CLIP."""
+    from harness.checkpoints import photomaker_file
+
+    model, clip = loaded("vega_small")
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    photomaker = nodes["PhotoMakerLoader"].execute(photomaker_model_name=photomaker_file(comfy.session_dir)).result[0]
+    face = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    text = "[Ann] a woman photomaker with short hair\n[Ann] walks in the park\n[NC] a quiet forest"  # 2 panels
+    with torch.inference_mode():
+        positive, *_, story = comfy.NODE_CLASS_MAPPINGS[NODE].execute(
+            clip=clip, story=text, style="No style", negative="", photomaker=photomaker, photomaker_image=face).result
+        core = nodes["PhotoMakerEncode"].execute(photomaker=photomaker, image=face, clip=clip,
+                                                 text=story.panels[0].prompt).result[0]
+    [[cond, extras]] = positive
+    assert torch.equal(cond[0:1], core[0][0]) and torch.equal(extras["pooled_output"][0:1], core[0][1]["pooled_output"])
+    assert torch.equal(cond[1:2], core_encode(comfy, clip, story.panels[1].prompt)[0][0]), "[NC]: plain CLIP"
+    assert not torch.equal(cond[0:1], core_encode(comfy, clip, story.panels[0].prompt)[0][0]), "the face is fused in"
+    with pytest.raises(ValueError, match="no panel prompt has the word 'photomaker'"):
+        comfy.NODE_CLASS_MAPPINGS[NODE].execute(clip=clip, story="[NC] a forest", style="No style", negative="",
+                                               photomaker=photomaker, photomaker_image=face)
+    with pytest.raises(ValueError, match="photomaker_image is empty"):
+        comfy.NODE_CLASS_MAPPINGS[NODE].execute(clip=clip, story=text, style="No style", negative="", photomaker=photomaker)
