@@ -23,3 +23,15 @@ pytest_plugins = [
     "harness.runner",
     "harness.server",
 ]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def memory_back_after_each_module():
+    """A module's models and tensors are garbage once it ends: give their memory back."""
+    yield
+    from harness.checkpoints import release_memory
+
+    release_memory()

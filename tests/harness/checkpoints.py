@@ -200,6 +200,36 @@ def build_lora(kind: str, path: str | os.PathLike, seed: int = 0, rank: int = 4)
     return path
 
 
+def build_photomaker(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random-weight PhotoMaker ID encoder (ComfyUI's own ``PhotoMakerIDEncoder``: CLIP ViT-L/14
+    vision tower, second projection, fuse module), as PhotoMakerLoader reads it; fp16, about 0.6 GB."""
+    import sys
+
+    env = import_comfyui()
+    import comfy.utils
+
+    loader = env.NODE_CLASS_MAPPINGS["PhotoMakerLoader"]
+    encoder = sys.modules[loader.__module__].PhotoMakerIDEncoder()  # parameters allocated, never written
+    state_dict = _random_state_dict(encoder, seed, FIXED_PART_DTYPE)
+    del encoder
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(state_dict, str(path))
+    return path
+
+
+def photomaker_file(session_dir: Path) -> str:
+    """The session's random PhotoMaker model, built on first use and registered with ComfyUI."""
+    import folder_paths
+
+    folder = Path(session_dir) / "photomaker"
+    path = folder / "random_photomaker.safetensors"
+    if not path.exists():
+        build_photomaker(path)
+    folder_paths.add_model_folder_path("photomaker", str(folder), is_default=True)
+    return path.name
+
+
 def _model_config(spec: CheckpointKind):
     import comfy.supported_models
 
@@ -252,7 +282,7 @@ def _initial_value(name: str, owner: torch.nn.Module, shape: torch.Size, dtype: 
         return torch.ones(shape, dtype=dtype) if leaf == "weight" else torch.zeros(shape, dtype=dtype)
     if leaf == "bias":
         return torch.zeros(shape, dtype=dtype)
-    if isinstance(owner, torch.nn.Embedding):
+    if isinstance(owner, torch.nn.Embedding) or leaf == "class_embedding":  # CLIP vision's class token
         std = 0.02
     elif len(shape) >= 2:
         std = math.prod(shape[1:]) ** -0.5
@@ -282,6 +312,18 @@ def _check_detection(state_dict: dict, spec: CheckpointKind) -> None:
         )
 
 
+def build_in_subprocess(kind: str, path: Path, seed: int) -> None:
+    """``build_checkpoint`` in a child process: building the full-size UNets takes gigabytes that a
+    long test session would otherwise keep (glibc rarely returns them)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("build_checkpoint.py")
+    done = subprocess.run([sys.executable, str(script), kind, str(path), str(seed)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the {kind} checkpoint failed:\n{done.stderr[-4000:]}")
+
+
 class SessionCheckpoints(Mapping):
     """kind -> checkpoint file name for CheckpointLoaderSimple; each kind is built on first use.
 
@@ -295,7 +337,7 @@ class SessionCheckpoints(Mapping):
     def __getitem__(self, kind: str) -> str:
         path = self.path(kind)
         if not path.exists():
-            build_checkpoint(kind, path, self.seed)
+            build_in_subprocess(kind, path, self.seed)
         return path.name
 
     def path(self, kind: str) -> Path:
@@ -333,16 +375,54 @@ if pytest is not None:
 
     @pytest.fixture(scope="session")
     def loaded(comfy, checkpoints):
-        """``loaded(kind) -> (model, clip)`` through CheckpointLoaderSimple, once per kind and session."""
-        cache = {}
+        """``loaded(kind) -> (model, clip)`` through CheckpointLoaderSimple, kept for later tests.
 
-        def load(kind: str):
-            if kind not in cache:
-                cache[kind] = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(checkpoints[kind])[:2]
-            return cache[kind]
-
-        yield load
+        At most ``LOADED_BUDGET`` slots are kept (the full-size SD1.5 UNet takes two), least
+        recently used first out, so the suite's memory stays bounded on a small CI machine."""
+        cache = LoadedModels(comfy, checkpoints)
+        yield cache.load
         # Drop the models while ComfyUI is still importable: a ModelPatcher collected at
         # interpreter exit fails in its __del__ and prints a traceback for nothing.
         cache.clear()
-        gc.collect()
+
+
+LOADED_BUDGET = 2
+LOADED_WEIGHT = {"sd15": 2}  # slots a kind takes; 1 by default
+
+
+class LoadedModels:
+    def __init__(self, comfy, checkpoints):
+        self.comfy, self.checkpoints = comfy, checkpoints
+        self.models: dict[str, tuple] = {}  # insertion order = least recently used first
+
+    def load(self, kind: str):
+        if kind in self.models:
+            self.models[kind] = self.models.pop(kind)
+            return self.models[kind]
+        weight = LOADED_WEIGHT.get(kind, 1)
+        while self.models and sum(LOADED_WEIGHT.get(k, 1) for k in self.models) + weight > LOADED_BUDGET:
+            del self.models[next(iter(self.models))]
+        release_memory()
+        self.models[kind] = self.comfy.nodes.CheckpointLoaderSimple().load_checkpoint(self.checkpoints[kind])[:2]
+        return self.models[kind]
+
+    def clear(self) -> None:
+        self.models.clear()
+        release_memory()
+
+
+def release_memory() -> None:
+    """Let ComfyUI forget the models it loaded for sampling, collect garbage and hand freed heap
+    pages back to the system (glibc keeps them otherwise, and a long test session's resident
+    memory only grows)."""
+    import ctypes
+    import sys
+
+    management = sys.modules.get("comfy.model_management")
+    if management is not None:
+        management.unload_all_models()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -203,3 +203,11 @@ if pytest is not None:
     def graph_runner(comfy):
         """``run_prompt``, available once the real ComfyUI (and the pack) are loaded in-process."""
         return run_prompt
+
+    @pytest.fixture()
+    def released_after():
+        """For tests that load whole checkpoints in a graph: their memory goes back when they end."""
+        yield
+        from harness.checkpoints import release_memory
+
+        release_memory()

@@ -35,7 +35,7 @@ def saved_pixels(images: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", CPU_KINDS)
-def test_ksampler_graph_decodes_and_saves_a_batch(kind, checkpoints, graph_runner):
+def test_ksampler_graph_decodes_and_saves_a_batch(kind, checkpoints, graph_runner, released_after):
     graph = small_graph(checkpoints[kind], prefix=f"ksampler_{kind}")
     result = graph_runner(graph.prompt())
 
@@ -54,7 +54,7 @@ def test_ksampler_graph_decodes_and_saves_a_batch(kind, checkpoints, graph_runne
 
 
 @pytest.mark.server
-def test_ksampler_graph_through_the_server_matches_in_process(checkpoints, graph_runner, comfy_server):
+def test_ksampler_graph_through_the_server_matches_in_process(checkpoints, graph_runner, comfy_server, released_after):
     import folder_paths
 
     ckpt_name = checkpoints["sd15_small"]

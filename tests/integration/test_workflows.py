@@ -26,7 +26,7 @@ WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 # The CPU test checkpoint standing in for each workflow's model family.
 TEST_CHECKPOINT = {"comic_sd15": "sd15_small", "comic_sdxl": "vega_small", "long_story_sd15": "sd15_small",
                    "story_two_characters_sdxl": "vega_small", "character_from_image_sd15": "sd15_small",
-                   "lora_story_sdxl": "vega_small"}
+                   "lora_story_sdxl": "vega_small", "photomaker_story_sdxl": "vega_small"}
 SIZE, STEPS = 64, 2
 THUMBNAIL_MAX_BYTES = 60_000
 MODEL_FILE_WIDGETS = {"ckpt_name"}
@@ -226,10 +226,11 @@ def min_page_height(page_inputs: dict) -> int:
 
 def provide_user_files(prompt: dict, kind: str, comfy) -> None:
     """What a workflow expects the user to have: the LoRA file of a LoraLoader (a random one for the
-    test checkpoint) and the picture of a LoadImage (a random one in the session's input folder)."""
+    test checkpoint), a PhotoMaker model (random weights) and the picture of a LoadImage (a random
+    one in the session's input folder)."""
     import folder_paths
 
-    from harness.checkpoints import build_lora
+    from harness.checkpoints import build_lora, photomaker_file
 
     for node in nodes_of_type(prompt, "LoraLoader").values():
         folder = comfy.session_dir / "loras"
@@ -238,13 +239,15 @@ def provide_user_files(prompt: dict, kind: str, comfy) -> None:
             build_lora(kind, path)
         folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
         node["inputs"]["lora_name"] = path.name
+    for node in nodes_of_type(prompt, "PhotoMakerLoader").values():
+        node["inputs"]["photomaker_model_name"] = photomaker_file(comfy.session_dir)
     for node in nodes_of_type(prompt, "LoadImage").values():
         picture = Image.fromarray((torch.rand(SIZE, SIZE, 3) * 255).byte().numpy())
         picture.save(Path(folder_paths.get_input_directory()) / node["inputs"]["image"])
 
 
 @by_name(WORKFLOWS)
-def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner):
+def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner, released_after):
     workflow = load_workflow(path)
     types = workflow_node_types(workflow)
     absent = sorted(t for t in types if t not in comfy.NODE_CLASS_MAPPINGS)
@@ -277,7 +280,7 @@ def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph
             assert image.format == "PNG" and image.size == (width, pages.shape[1])
 
 
-def test_the_test_lora_patches_every_attention_projection(comfy, loaded):
+def test_the_test_lora_patches_every_attention_projection(comfy, checkpoints, released_after):
     """The random LoRA that stands in for the user's (lora_story_sdxl) is one ComfyUI applies fully."""
     import folder_paths
 
@@ -286,8 +289,12 @@ def test_the_test_lora_patches_every_attention_projection(comfy, loaded):
     folder = comfy.session_dir / "loras"
     path = build_lora("vega_small", folder / "random_vega_small_check.safetensors")
     folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
-    model, clip = loaded("vega_small")
-    patched, _ = comfy.nodes.LoraLoader().load_lora(model, clip, path.name, 1.0, 1.0)
+    from comfy.sd import load_checkpoint_guess_config
+
+    unet_only = dict(output_vae=False, output_clip=False)
+    model = load_checkpoint_guess_config(folder_paths.get_full_path("checkpoints", checkpoints["vega_small"]),
+                                         **unet_only)[0]
+    patched, _ = comfy.nodes.LoraLoader().load_lora(model, None, path.name, 1.0, 0.0)
     projections = [name for name, w in model.model.diffusion_model.state_dict().items()
                    if name.endswith(".weight") and w.ndim == 2 and (".attn1." in name or ".attn2." in name)]
     assert projections and len(patched.patches) == len(projections)
