@@ -4,12 +4,14 @@ Expected node ids come from the pack itself (its extension's ``get_node_list``);
 ``/object_info`` is what the frontend shows.
 """
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from harness.pack import load_pack
 from harness.server import PACK_LINK_NAME
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.server]
 
 PACK_PYTHON_MODULE = f"custom_nodes.{PACK_LINK_NAME}"
@@ -56,4 +58,7 @@ def test_pack_nodes_show_category_description_and_tooltips(pack_node_ids, object
                 options = spec[1] if len(spec) > 1 else {}
                 if not options.get("tooltip", "").strip():
                     problems.append(f"{node_id}.{name}: no tooltip")
+        doc = REPO_ROOT / "web" / "docs" / f"{node_id}.md"  # the frontend's node documentation panel
+        if not doc.is_file() or not doc.read_text(encoding="utf-8").startswith("# "):
+            problems.append(f"{node_id}: no web/docs/{node_id}.md")
     assert problems == []
