@@ -172,11 +172,16 @@ def generated_block(results: dict) -> str:
 
 def update_doc(path: Path, results: dict) -> None:
     """Replace the generated block of ``path`` (create the file around it if needed)."""
-    block = generated_block(results)
-    text = path.read_text() if path.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    write_block(path, generated_block(results), BEGIN, END)
+
+
+def write_block(path: Path, block: str, begin: str, end: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) in place of the text between
+    those markers in ``path``, or at its end."""
+    text = path.read_text() if path.exists() else f"# Performance\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + block + tail)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from report import markdown_table
+from report import markdown_table, write_block
 
 BEGIN = "<!-- story_bench: generated block, rewritten by bench/story_bench.py --doc -->"
 END = "<!-- story_bench: end of generated block -->"
@@ -72,8 +72,4 @@ def generated_block(results: dict) -> str:
 
 def update_doc(path: Path, results: dict) -> None:
     """Replace (or append) the story block of ``path``."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + generated_block(results) + rest.split(END, 1)[1])
+    write_block(path, generated_block(results), BEGIN, END)
