@@ -49,8 +49,10 @@ def check_references(references, base_model, latent_hw: tuple[int, int]) -> None
         if tuple(ref.latents.shape[-2:]) != tuple(latent_hw):
             size = lambda hw: f"{hw[1] * 8}x{hw[0] * 8} px"  # noqa: E731
             raise ConsistentAttentionError(
-                f"[{ref.name}]'s reference images are {size(ref.latents.shape[-2:])} but the story's panels are "
-                f"{size(latent_hw)}: set width and height on Character from Image to the panels' size."
+                f"[{ref.name}]'s reference images are {size(ref.latents.shape[-2:])} but this model call is for "
+                f"{size(latent_hw)} panels: set width and height on Character from Image to the panels' size (the "
+                "Empty Latent Image's). Area conditionings (Conditioning Set Area) crop the panels and cannot be "
+                "combined with characters from images."
             )
 
 
