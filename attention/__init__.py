@@ -5,17 +5,20 @@ package decides *what* each row attends to: every panel of a batch the others (`
 in a story, each panel the identity panels of its characters (``cast``, ``story_attention``),
 a few panels at a time if need be (``rows``).
 """
-from .cast import MAX_IDENTITY_PANELS, StoryCast
-from .config import ConsistentAttentionError, CSAConfig, parse_block_list
+from .cast import MAX_IDENTITY_PANELS, BatchCast, StoryCast
+from .config import DIT_DEFAULT_PRESET, ConsistentAttentionError, CSAConfig, parse_block_list
 from .layers import downsample_factor
 from .planner import CallPlanner, layer_seed, panels_per_chunk
 from .rows import call_rows, index_tensor, take_rows
 from .schedule import Step, layer_active, locate_step, mix_seed, step_in_range
 from .story_attention import StoryCall
+from .token_layout import TokenLayout, rope_shift
 from .tokens import GatherPlan, append_reference, neighbour_table, plan_gather, sampled_count
 
 __all__ = [
+    "BatchCast",
     "CallPlanner",
+    "DIT_DEFAULT_PRESET",
     "CSAConfig",
     "ConsistentAttentionError",
     "GatherPlan",
@@ -23,6 +26,7 @@ __all__ = [
     "Step",
     "StoryCall",
     "StoryCast",
+    "TokenLayout",
     "append_reference",
     "call_rows",
     "index_tensor",
@@ -35,6 +39,7 @@ __all__ = [
     "panels_per_chunk",
     "parse_block_list",
     "plan_gather",
+    "rope_shift",
     "sampled_count",
     "step_in_range",
     "take_rows",

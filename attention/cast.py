@@ -158,3 +158,33 @@ class StoryCast:
     def largest_call(self, panels_per_call: int) -> int:
         """The most rows one chunk's call holds: a call of the plan, or the reference rows."""
         return max([len(call) for call in self.call_plan(panels_per_call)] + [len(self.reference_panels)])
+
+
+@dataclass(frozen=True)
+class BatchCast:
+    """Batch mode in ``StoryCall``'s terms: every panel is read, each reads its ``window``
+    neighbours (all the others for 0), as ``tokens.neighbour_table`` chooses them."""
+
+    neighbours: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, panels: int, window: int) -> "BatchCast":
+        from .tokens import neighbour_table
+
+        return cls(tuple(tuple(row) for row in neighbour_table(panels, window).tolist()))
+
+    @property
+    def panels(self) -> int:
+        return len(self.neighbours)
+
+    @property
+    def identity_panels(self) -> tuple[int, ...]:
+        return tuple(range(self.panels))
+
+    reference_panels: tuple[int, ...] = ()
+
+    def slot_of(self, panel: int) -> int:
+        return panel
+
+    def sources(self, panel: int) -> tuple[int, ...]:
+        return self.neighbours[panel]

@@ -4,11 +4,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-BLOCK_KINDS = ("input", "middle", "output")
+UNET_BLOCK_KINDS = ("input", "middle", "output")
+DIT_BLOCK_KINDS = ("double", "single")  # Flux's double-stream and single-stream blocks
+BLOCK_KINDS = UNET_BLOCK_KINDS + DIT_BLOCK_KINDS
 BLOCK_PRESETS = {
     "output": frozenset({"output"}),  # the official app: decoder (up) blocks only
     "all": frozenset(BLOCK_KINDS),
+    "single-stream": frozenset({"single"}),  # CharaConsist (ICCV 2025): a DiT's single-stream blocks
+    "double-stream": frozenset({"double"}),
 }
+DIT_DEFAULT_PRESET = "single-stream"
 SCHEDULES = ("official", "always")
 
 # The official app's stochastic schedule (HVision-NKU/StoryDiffusion, gradio_app_sdxl_specific_id):
@@ -24,16 +29,18 @@ class ConsistentAttentionError(ValueError):
 
 
 def parse_block_list(text: str) -> frozenset[tuple[str, int]]:
-    """Parse a custom block list such as ``"output 0-2, middle 0, input 7"``.
+    """Parse a custom block list such as ``"output 0-2, middle 0, input 7"`` (a UNet) or
+    ``"single 0-37, double 18"`` (a DiT).
 
     Returns a set of ``(kind, index)`` pairs, ComfyUI's ``block`` naming.
     """
     blocks: set[tuple[str, int]] = set()
     for item in filter(None, (part.strip() for part in text.split(","))):
-        match = re.fullmatch(r"(input|middle|output)\s+(\d+)(?:\s*-\s*(\d+))?", item.lower())
+        match = re.fullmatch(rf"({'|'.join(BLOCK_KINDS)})\s+(\d+)(?:\s*-\s*(\d+))?", item.lower())
         if match is None:
             raise ConsistentAttentionError(
-                f"custom_blocks: cannot read {item!r}; write entries like 'output 0-2, middle 0, input 7'."
+                f"custom_blocks: cannot read {item!r}; write entries like 'output 0-2, middle 0, input 7' "
+                "(SD1.5/SDXL) or 'single 0-37, double 18' (Flux)."
             )
         kind, first = match.group(1), int(match.group(2))
         last = int(match.group(3) or first)

@@ -15,7 +15,7 @@ from .layers import downsample_factor
 from .schedule import Step, layer_active, mix_seed
 from .tokens import GatherPlan, plan_gather
 
-BLOCK_KIND_IDS = {"input": 0, "middle": 1, "output": 2}
+BLOCK_KIND_IDS = {"input": 0, "middle": 1, "output": 2, "double": 4, "single": 5}
 
 
 def layer_seed(block: tuple[str, int], block_index: int) -> int:
@@ -29,12 +29,14 @@ class CallPlanner:
         self.step = step
         self._plans: dict[tuple, GatherPlan | None] = {}
 
-    def rate(self, block: tuple[str, int], block_index: int, tokens: int, latent_hw: tuple[int, int]) -> float:
+    def rate(self, block: tuple[str, int], block_index: int, tokens: int, latent_hw: tuple[int, int] | None) -> float:
         """The sampling rate of this layer in this call; 0 where it runs plain attention
-        (block not chosen, rate 0 for its resolution, or the schedule skips it at this step)."""
+        (block not chosen, rate 0 for its resolution, or the schedule skips it at this step).
+        ``latent_hw`` None: a model of one resolution (a DiT), whose layers take the fine rate."""
         if not self.config.patches_block(block[0], block[1]):
             return 0.0
-        rate = self.config.rate_for(downsample_factor(latent_hw[0], latent_hw[1], tokens))
+        downsample = 1 if latent_hw is None else downsample_factor(latent_hw[0], latent_hw[1], tokens)
+        rate = self.config.rate_for(downsample)
         if rate <= 0 or not layer_active(self.config, self.step, layer_seed(block, block_index)):
             return 0.0
         return rate

@@ -24,6 +24,7 @@ import torch
 from .cast import StoryCast
 from .planner import CallPlanner
 from .rows import index_tensor
+from .token_layout import TokenLayout
 from .tokens import sampled_count
 
 # attend(q, k, v, rows) -> output rows; ``rows`` names each row as (chunk, panel).
@@ -62,11 +63,13 @@ class StoryCall:
     of them in the model call (only for naming rows: a host running chunks apart gives each its own
     StoryCall, and so its own bank)."""
 
-    def __init__(self, planner: CallPlanner, cast: StoryCast, chunks: int, first_chunk: int = 0):
+    def __init__(self, planner: CallPlanner, cast: StoryCast, chunks: int, first_chunk: int = 0,
+                 layout: TokenLayout = TokenLayout()):
         self.planner = planner
         self.cast = cast
         self.chunks = chunks
         self.first_chunk = first_chunk
+        self.layout = layout
         self.slots = len(cast.identity_panels)
         self.bank: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._positions: dict[tuple, torch.Tensor] = {}
@@ -87,27 +90,26 @@ class StoryCall:
     ) -> torch.Tensor | None:
         """CSA for one self-attention layer of the sub-call over ``panels``; None = plain attention.
 
-        ``layer`` is (block, block_index); q/k/v are ``[chunks * len(panels), tokens, C]``,
-        row ``r`` being panel ``panels[r % len(panels)]`` of chunk ``r // len(panels)``.
+        ``layer`` is (block, block_index); q/k/v are ``[chunks * len(panels), tokens, C]`` (or
+        ``[rows, heads, tokens, D]``, see ``TokenLayout``), row ``r`` being panel
+        ``panels[r % len(panels)]`` of chunk ``r // len(panels)``.
         """
-        tokens = q.shape[1]
-        rate = self.planner.rate(layer[0], layer[1], tokens, latent_hw) if self.slots else 0.0
+        first, shared = self.layout.shared_tokens(q.shape[self.layout.token_dim])
+        rate = self.planner.rate(layer[0], layer[1], shared, latent_hw) if self.slots else 0.0
         if rate <= 0:
             return None
-        count = sampled_count(tokens, rate)
+        count = sampled_count(shared, rate)
         rows = self._sub_call_rows(panels, k.device)
         if rows.write_rows.numel():
             self._write(layer, rows, k, v, count)
         bank = self.bank.get(layer)
         out = None
         for group in rows.groups:
-            if group.everyone and group.bank_rows is None:
-                return None  # nobody here reads anything: plain attention
             q_g, k_g, v_g = (group.take(t) for t in (q, k, v))
             if group.bank_rows is not None:
                 if bank is None:
                     raise RuntimeError(f"layer {layer}: identity tokens read before they were written")
-                k_g, v_g = (_extend(t, stored, group.bank_rows) for t, stored in zip((k_g, v_g), bank))
+                k_g, v_g = (self.layout.extend(t, stored, group.bank_rows) for t, stored in zip((k_g, v_g), bank))
             result = attend(q_g, k_g, v_g, group.names)
             if group.everyone:
                 return result
@@ -117,18 +119,21 @@ class StoryCall:
         return out
 
     def _write(self, layer, rows: SubCallRows, k, v, count: int) -> None:
-        positions = self._sampled_positions(k.shape[1], count, k.device)  # [slots, count]
-        slot_of_row = rows.write_slots % self.slots
-        flat = (rows.write_rows * k.shape[1])[:, None] + positions.index_select(0, slot_of_row)  # [W, count]
+        first, shared = self.layout.shared_tokens(k.shape[self.layout.token_dim])
+        positions = self._sampled_positions(shared, count, k.device) + first  # [slots, count]
+        positions = positions.index_select(0, rows.write_slots % self.slots)  # [W, count]
+        taken_k = self.layout.take(k, rows.write_rows, positions)
+        if self.layout.key_shift is not None:
+            taken_k = self.layout.key_shift(taken_k)
+        taken_v = self.layout.take(v, rows.write_rows, positions)
         if layer not in self.bank:
-            shape = (self.chunks * self.slots, count, k.shape[-1])
-            self.bank[layer] = (k.new_empty(shape), v.new_empty(shape))
-        for stored, t in zip(self.bank[layer], (k, v)):
-            taken = t.reshape(-1, t.shape[-1]).index_select(0, flat.reshape(-1))
-            stored.index_copy_(0, rows.write_slots, taken.view(flat.shape[0], count, t.shape[-1]))
+            shape = (self.chunks * self.slots,) + tuple(taken_k.shape[1:])
+            self.bank[layer] = (taken_k.new_empty(shape), taken_v.new_empty(shape))
+        for stored, taken in zip(self.bank[layer], (taken_k, taken_v)):
+            stored.index_copy_(0, rows.write_slots, taken)
 
     def _sampled_positions(self, tokens: int, count: int, device) -> torch.Tensor:
-        """``[slots, count]`` token positions of each identity panel in this call, sorted."""
+        """``[slots, count]`` positions among the ``tokens`` shared tokens of each identity panel, sorted."""
         key = (tokens, count, device)
         if key not in self._positions:
             if count == tokens:
@@ -171,8 +176,3 @@ class StoryCall:
         return SubCallRows(index_tensor([w[0] for w in writes], device), index_tensor([w[1] for w in writes], device),
                            tuple(groups))
 
-
-def _extend(own: torch.Tensor, stored: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
-    """``[G, L, C]`` own tokens followed by the banked tokens of each row's sources."""
-    extra = stored.index_select(0, bank_rows.reshape(-1)).view(own.shape[0], -1, own.shape[-1])
-    return torch.cat([own, extra], dim=1)

@@ -17,7 +17,7 @@ Nothing persists between calls; the patch object holds only frozen options, and 
 """
 from __future__ import annotations
 
-from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, Step, StoryCast, locate_step
+from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, Step, StoryCall, StoryCast, locate_step
 from .story_calls import run_story_call
 
 STATE_KEY = "consistent_story.csa"
@@ -124,6 +124,10 @@ class ConsistentAttentionPatch:
         self.prepare(options, planner)
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
+    def story_call(self, planner: CallPlanner, chunks: int, first_chunk: int, x, c_crossattn) -> StoryCall:
+        """The identity bank and reads of one model call (or of one chunk of it)."""
+        return StoryCall(planner, self.cast, chunks, first_chunk)
+
     def prepare(self, options: dict, planner: CallPlanner, story=None, panels: tuple[int, ...] = ()) -> dict:
         """Put a fresh ``CallState`` and this patch's attention override (chained to the one found
         there) into ``options``, a copy of transformer_options owned by this call."""
@@ -169,9 +173,9 @@ class ConsistentAttentionPatch:
                 return state.chained_override(func, q, k, v, heads, *args, **call_kwargs)
             return func(q, k, v, heads, *args, **call_kwargs)
 
-        if pending is not None and q.ndim == 3 and q.shape[:2] == k.shape[:2]:
+        if pending is not None and q.shape[:-1] == k.shape[:-1]:  # self-attention: as many keys as queries
             if state.story is None:
-                if q.shape[:2] == (pending.rows, pending.tokens):
+                if q.ndim == 3 and q.shape[:2] == (pending.rows, pending.tokens):
                     k, v = pending.extend(k), pending.extend(v)
             elif q.shape[0] == state.story.chunks * len(state.panels):
                 (layer, latent_hw) = pending

@@ -1,10 +1,13 @@
 """The Consistent Self-Attention node: MODEL -> MODEL."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from comfy_api.latest import io
 
 from ..attention import MAX_IDENTITY_PANELS, ConsistentAttentionError, CSAConfig, parse_block_list
 from .csa_patch import ConsistentAttentionPatch
+from .dit_patch import KEY_POSITIONS, DiTAttentionPatch, is_flux
 from .nodes_story import StoryType
 
 DEFAULT_IDENTITY_PANELS = 2  # the official app's default id_length
@@ -21,7 +24,8 @@ class ConsistentSelfAttention(io.ComfyNode):
                 "StoryDiffusion's Consistent Self-Attention: the panels of one batch share identity. In each "
                 "self-attention layer a panel also attends to tokens sampled from the other panels of the batch "
                 "(cond only with cond, uncond only with uncond), so characters, faces and clothes stay the same. "
-                "Training-free; SD1.5 and SDXL families. Give the sampler one latent per panel. With Story "
+                "Training-free; SD1.5 and SDXL families (UNets) and the Flux family (DiTs: Flux.1 dev/schnell/Kontext, "
+                "where only image tokens are shared). Give the sampler one latent per panel. With Story "
                 "Prompts' story connected, panels share by character instead: each character's first single-character "
                 "panels are its identity panels, every other panel reads only the identity panels of the characters "
                 "it names, [NC] panels read nothing, and long stories run a few panels per model call."
@@ -31,12 +35,13 @@ class ConsistentSelfAttention(io.ComfyNode):
                 io.Float.Input(
                     "rate_fine", default=0.5, min=0.0, max=1.0, step=0.05,
                     tooltip="Share of each other panel's tokens attended to in fine layers (at least a quarter of the "
-                    "latent's tokens; SDXL's 64x64 grid at 1024 px, the official 'sa64'). 0 turns these layers off.",
+                    "latent's tokens; SDXL's 64x64 grid at 1024 px, the official 'sa64'). 0 turns these layers off. "
+                    "On a DiT (Flux): the share of image tokens in every chosen block.",
                 ),
                 io.Float.Input(
                     "rate_coarse", default=0.5, min=0.0, max=1.0, step=0.05,
                     tooltip="Share of each other panel's tokens attended to in coarser layers (SDXL's 32x32 grid at "
-                    "1024 px, the official 'sa32'). 0 turns these layers off.",
+                    "1024 px, the official 'sa32'). 0 turns these layers off. Ignored on a DiT (one resolution).",
                 ),
                 io.Int.Input(
                     "window", default=0, min=0, max=64,
@@ -45,14 +50,15 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "With a story the characters decide who reads whom: keep 0.",
                 ),
                 io.Combo.Input(
-                    "blocks", options=["output", "all", "custom"], default="output",
-                    tooltip="Where CSA runs: 'output' = the UNet's decoder blocks (as the official app); 'all' = every "
-                    "self-attention layer; 'custom' = the blocks listed in custom_blocks.",
+                    "blocks", options=["output", "all", "custom", "single-stream", "double-stream"], default="output",
+                    tooltip="Where CSA runs. UNet: 'output' = the decoder blocks (as the official app); 'all' = every "
+                    "self-attention layer. DiT (Flux): 'output' or 'single-stream' = the single-stream blocks (as "
+                    "CharaConsist), 'double-stream', or 'all'. 'custom' = the blocks listed in custom_blocks.",
                 ),
                 io.String.Input(
                     "custom_blocks", default="output 0-5", multiline=False,
                     tooltip="Used when blocks is 'custom': comma-separated entries such as 'output 0-5, middle 0, "
-                    "input 7' (ComfyUI's block numbering).",
+                    "input 7' (a UNet, ComfyUI's block numbering) or 'single 0-37, double 10-18' (Flux).",
                 ),
                 io.Combo.Input(
                     "schedule", options=["official", "always"], default="official",
@@ -91,6 +97,12 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "halves run in separate calls, identity panels first, then the other panels this many at a "
                     "time, so memory stays flat however long the story is; the images are the same.",
                 ),
+                io.Combo.Input(
+                    "key_positions", options=list(KEY_POSITIONS), default="shifted", optional=True,
+                    tooltip="DiT (Flux) only; ignored on a UNet. The shared keys carry their panel's RoPE positions: "
+                    "'shifted' moves them one image width to the right (an exact re-rotation), so they never sit on "
+                    "the reader's own positions; 'as is' keeps them.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
         )
@@ -98,7 +110,7 @@ class ConsistentSelfAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, rate_fine, rate_coarse, window, blocks, custom_blocks, schedule,
                 start_percent, end_percent, seed, story=None, identity_panels=DEFAULT_IDENTITY_PANELS,
-                panels_per_call=0) -> io.NodeOutput:
+                panels_per_call=0, key_positions="shifted") -> io.NodeOutput:
         config = CSAConfig(
             rate_fine=rate_fine,
             rate_coarse=rate_coarse,
@@ -111,12 +123,36 @@ class ConsistentSelfAttention(io.ComfyNode):
             seed=seed,
         )
         cast = story_cast(story, window, identity_panels, panels_per_call)
+        family = model_family(model)
+        if family == "dit":  # one resolution: rate_fine is the rate (rate_coarse is ignored, as the tooltip says)
+            config = replace(config, rate_coarse=config.rate_fine)
+        elif blocks.endswith("-stream"):
+            raise ConsistentAttentionError(
+                f"blocks '{blocks}' names DiT blocks but this model is a UNet: pick 'output', 'all' or 'custom'."
+            )
         if not config.enabled:
             return io.NodeOutput(model)
         patched = model.clone()
         references = story.references if story is not None else ()
-        ConsistentAttentionPatch(config, cast, panels_per_call, references).install(patched)
+        if family == "dit":
+            DiTAttentionPatch(config, cast, panels_per_call, references, key_positions).install(patched)
+        else:
+            ConsistentAttentionPatch(config, cast, panels_per_call, references).install(patched)
         return io.NodeOutput(patched)
+
+
+def model_family(model) -> str:
+    """'unet' (SD1.5/SDXL families) or 'dit' (Flux family); any other model is named in an error."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    if all(hasattr(diffusion_model, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        return "unet"
+    if is_flux(diffusion_model):
+        return "dit"
+    raise ConsistentAttentionError(
+        f"Consistent Self-Attention supports SD1.5- and SDXL-family UNets and Flux-family DiTs; this model is "
+        f"{type(model.model).__name__} ({type(diffusion_model).__name__}), which it does not support yet. Remove "
+        "the node for this model."
+    )
 
 
 def story_cast(story, window: int, identity_panels: int, panels_per_call: int):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import ConsistentAttentionError, StoryCall, index_tensor, panels_per_chunk, take_rows
+from ..attention import ConsistentAttentionError, index_tensor, panels_per_chunk, take_rows
 from .references import check_references, reference_inputs
 
 
@@ -33,7 +33,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
         check_references(patch.references, executor.class_obj, tuple(x.shape[-2:]))
     per_call = patch.panels_per_call or rows_that_fit(executor.class_obj, x)
     if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
-        story = StoryCall(planner, cast, chunks)
+        story = patch.story_call(planner, chunks, 0, x, c_crossattn)
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunks))
         patch.prepare(options, planner, story, tuple(range(panels)))
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
@@ -42,7 +42,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
     uuids = options.get("uuids")
     out = None
     for chunk in range(chunks):
-        story = StoryCall(planner, cast, 1, first_chunk=chunk)  # this chunk's identity bank
+        story = patch.story_call(planner, 1, chunk, x, c_crossattn)  # this chunk's identity bank
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunk, chunk + 1))
         for subset in cast.call_plan(per_call):
             index = index_tensor([chunk * panels + panel for panel in subset], "cpu")

@@ -177,6 +177,39 @@ def build_controlnet(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
+# ComfyUI 0.3.64 detects Flux's widths as fixed (3072 wide, 24 heads, T5's 4096-wide context); only
+# the number of blocks is read from the weights. One double and one single block is the smallest
+# Flux.1-dev (guidance embedding) it loads: 0.5 billion parameters, 1 GB in bf16.
+FLUX_TINY = {
+    "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True,
+}
+
+
+def build_flux(path: str | os.PathLike, seed: int = 0, depth: int = 1, single: int = 1) -> Path:
+    """A random-weight Flux.1-dev-layout diffusion model file, as UNETLoader reads it (checked to be
+    detected as ComfyUI's Flux with ``depth`` double and ``single`` single-stream blocks)."""
+    import_comfyui()
+    import comfy.model_detection
+    import comfy.supported_models
+    import comfy.utils
+
+    config = dict(FLUX_TINY, depth=depth, depth_single_blocks=single)
+    model_config = comfy.supported_models.Flux(config)
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    diffusion_model = model_config.get_model({}, device="meta").diffusion_model
+    state_dict = _random_state_dict(diffusion_model, seed, torch.bfloat16)
+    detected = comfy.model_detection.detect_unet_config(state_dict, "")
+    if type(comfy.model_detection.model_config_from_unet_config(detected, state_dict)).__name__ != "Flux" or \
+            (detected["depth"], detected["depth_single_blocks"]) != (depth, single):
+        raise RuntimeError(f"ComfyUI would not load this as Flux with {depth}+{single} blocks: {detected}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(state_dict, str(path))
+    return path
+
+
 def build_lora(kind: str, path: str | os.PathLike, seed: int = 0, rank: int = 4) -> Path:
     """A random rank-``rank`` LoRA (kohya key names, as LoraLoader reads them) on every attention
     projection of the UNet of ``kind``; strong enough to change what the UNet draws."""
@@ -280,6 +313,8 @@ def _initial_value(name: str, owner: torch.nn.Module, shape: torch.Size, dtype: 
         return torch.full(shape, _CONSTANTS[leaf], dtype=dtype)
     if isinstance(owner, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
         return torch.ones(shape, dtype=dtype) if leaf == "weight" else torch.zeros(shape, dtype=dtype)
+    if leaf == "scale":  # RMSNorm (Flux's query/key norms)
+        return torch.ones(shape, dtype=dtype)
     if leaf == "bias":
         return torch.zeros(shape, dtype=dtype)
     if isinstance(owner, torch.nn.Embedding) or leaf == "class_embedding":  # CLIP vision's class token

@@ -1,0 +1,230 @@
+"""Consistent Self-Attention on Flux (ComfyUI's own Flux class, random weights, real samplers).
+
+The model is the smallest Flux.1-dev that ComfyUI 0.3.64 detects (one double-stream and one
+single-stream block at the real width), loaded with UNETLoader. Its T5/CLIP text encoders are far
+too large for the CI machine, so the conditioning is random, of the real shape ([panels, tokens,
+4096] T5 states, [panels, 768] CLIP pooled, guidance). A probe chained after CSA's attention
+override records each joint-attention call: its block, the rows it holds (CSA names them) and
+its keys, so the tests can check which tokens every row attended to.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.pack import load_pack
+from test_consistent_attention import SharedAcrossClones
+
+load_pack()
+from consistent_story.attention import StoryCast, rope_shift  # noqa: E402
+from consistent_story.nodes.story_prompts import parse_story  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+PANELS, TEXT, SIZE = 4, 8, 64  # 64 px: an 8x8 latent, 4x4 = 16 image tokens per panel
+IMAGE = (SIZE // 16) ** 2
+ROWS_KEY = "consistent_story.rows"
+CSA = dict(rate_fine=0.5, rate_coarse=0.5, window=0, blocks="output", custom_blocks="", schedule="always",
+           start_percent=0.0, end_percent=1.0, seed=0)
+
+
+class JointProbe(SharedAcrossClones):
+    """optimized_attention_override after CSA: (block, rows, q tokens, keys) of every attention call."""
+
+    def __init__(self):
+        self.calls = []
+        self.block = None
+
+    def mark(self, args, extra):
+        self.block = extra.get("block")
+        return extra["original_block"](args)
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        self.calls.append((options.get(ROWS_KEY), q.shape[2], k.clone(), options.get("consistent_story.csa")))
+        return func(q, k, v, heads, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def flux(comfy):
+    import folder_paths
+
+    from harness.checkpoints import build_flux
+
+    folder = comfy.session_dir / "diffusion_models"
+    path = folder / "random_flux_tiny.safetensors"
+    if not path.exists():
+        build_flux(path)
+    folder_paths.add_model_folder_path("diffusion_models", str(folder), is_default=True)
+    model = comfy.nodes.UNETLoader().load_unet(path.name, "default")[0]
+    assert type(model.model).__name__ == "Flux" and len(model.model.diffusion_model.single_blocks) == 1
+    return model
+
+
+def conditioning(panels: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(panels, TEXT, 4096, generator=g),
+             {"pooled_output": torch.randn(panels, 768, generator=g), "guidance": 3.5}]]
+
+
+def sample(comfy, model, cfg=1.0, steps=2, panels=PANELS, positive=None):
+    latent = {"samples": torch.zeros(panels, 16, SIZE // 8, SIZE // 8)}
+    positive = positive or conditioning(panels, 1)
+    with torch.inference_mode():
+        return comfy.nodes.common_ksampler(model, 1, steps, cfg, "euler", "simple", positive, conditioning(1, 2),
+                                           latent)[0]["samples"]
+
+
+def patch(comfy, model, **options):
+    return comfy.NODE_CLASS_MAPPINGS["ConsistentStorySelfAttention"].execute(model=model, **{**CSA, **options}).result[0]
+
+
+def with_probe(model, probe):
+    model = model.clone()
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = probe
+    return model
+
+
+def test_disabled_is_bit_identical_and_enabled_changes_the_images(comfy, flux):
+    vanilla = sample(comfy, flux)
+    assert patch(comfy, flux, rate_fine=0.0) is flux, "rate 0 installs nothing"
+    assert torch.equal(sample(comfy, patch(comfy, flux, start_percent=0.9)), vanilla), "installed but idle"
+    assert not torch.allclose(sample(comfy, patch(comfy, flux)), vanilla, atol=1e-3)
+
+
+@pytest.mark.parametrize("blocks,custom,expected", [
+    ("output", "", {"single"}), ("single-stream", "", {"single"}), ("double-stream", "", {"double"}),
+    ("all", "", {"single", "double"}), ("custom", "double 0", {"double"}),
+])
+def test_csa_runs_on_exactly_the_chosen_blocks_and_shares_image_tokens_only(comfy, flux, blocks, custom, expected):
+    probe = JointProbe()
+    sample(comfy, with_probe(patch(comfy, flux, blocks=blocks, custom_blocks=custom, rate_fine=1.0,
+                                   key_positions="as is"), probe), steps=1)
+    calls = probe.calls  # one per block: the double block's, then the single block's
+    assert len(calls) == 2
+    kinds = {"double": calls[0], "single": calls[1]}
+    for kind, (rows, tokens, keys, _) in kinds.items():
+        assert tokens == TEXT + IMAGE
+        if kind not in expected:
+            assert rows is None and keys.shape[2] == tokens, f"{kind} block untouched"
+            continue
+        assert [chunk for chunk, _ in rows] == [0] * PANELS, "cfg 1: one chunk"
+        assert keys.shape[2] == tokens + (PANELS - 1) * IMAGE, "own tokens + every other panel's image tokens"
+        for row, (_, panel) in enumerate(rows):
+            extra = keys[row, :, tokens:].reshape(keys.shape[1], PANELS - 1, IMAGE, -1)
+            others = [p for p in range(PANELS) if p != panel]
+            for j, other in enumerate(others):
+                source = rows.index((0, other))
+                assert torch.equal(extra[:, j], keys[source, :, TEXT:tokens]), "the other panel's image keys"
+            text_keys = keys[:, :, :TEXT].reshape(-1, keys.shape[-1])
+            assert not (extra.reshape(-1, 1, keys.shape[-1]) == text_keys[None]).all(-1).any(), "never text"
+
+
+def test_cond_rows_never_read_uncond_rows(comfy, flux):
+    probe = JointProbe()
+    sample(comfy, with_probe(patch(comfy, flux, rate_fine=1.0, key_positions="as is"), probe), cfg=3.0, steps=1)
+    rows, tokens, keys, _ = probe.calls[1]
+    assert sorted({chunk for chunk, _ in rows}) == [0, 1]
+    for row, (chunk, panel) in enumerate(rows):
+        extra = keys[row, :, tokens:].reshape(keys.shape[1], PANELS - 1, IMAGE, -1)
+        for j, other in enumerate(p for p in range(PANELS) if p != panel):
+            assert torch.equal(extra[:, j], keys[rows.index((chunk, other)), :, TEXT:tokens])
+
+
+def test_shifted_keys_equal_rope_applied_at_shifted_positions(comfy, flux):
+    """The re-rotation of already rotated keys equals ComfyUI's RoPE at positions one image width right."""
+    from comfy.ldm.flux.math import apply_rope
+
+    embed = flux.model.diffusion_model.pe_embedder
+    g = torch.Generator().manual_seed(3)
+    raw = torch.randn(2, 24, IMAGE, 128, generator=g)
+    ids = torch.zeros(1, IMAGE, 3)
+    ids[0, :, 1] = torch.arange(IMAGE) // 4
+    ids[0, :, 2] = torch.arange(IMAGE) % 4
+    shifted_ids = ids.clone()
+    shifted_ids[0, :, 2] += 4  # one image width (4 token columns)
+    rotated, _ = apply_rope(raw, raw, embed(ids))
+    direct, _ = apply_rope(raw, raw, embed(shifted_ids))
+    ours = rope_shift(tuple(flux.model.diffusion_model.params.axes_dim), flux.model.diffusion_model.params.theta, 2, 4)(rotated)
+    torch.testing.assert_close(ours, direct, rtol=1e-4, atol=1e-4)
+    assert (ours - rotated).abs().max() > 0.1, "the shift moves the keys"
+
+
+def test_rate_one_equals_a_float64_reference(comfy, flux):
+    """Every row attends to its own text and image tokens plus every other panel's image tokens."""
+
+    def reference(func, q, k, v, heads, *args, **kwargs):
+        rows = q.shape[0]
+        extra = k[:, :, TEXT:TEXT + IMAGE]
+        values = v[:, :, TEXT:TEXT + IMAGE]
+        out = []
+        for row in range(rows):
+            others = [r for r in range(rows) if r != row]
+            keys = torch.cat([k[row]] + [extra[r] for r in others], dim=1).double()
+            vals = torch.cat([v[row]] + [values[r] for r in others], dim=1).double()
+            weights = (q[row].double() @ keys.transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1)
+            out.append((weights @ vals).transpose(0, 1).reshape(q.shape[2], -1))
+        return torch.stack(out).to(q.dtype)
+
+    class Recorder(SharedAcrossClones):
+        def __init__(self):
+            self.first = None
+
+        def __call__(self, args):
+            if self.first is None:
+                self.first = args["denoised"].clone()
+            return args["denoised"]
+
+    def first_prediction(model, override=None):
+        model = model.clone()
+        recorder = Recorder()
+        model.set_model_sampler_post_cfg_function(recorder)
+        if override is not None:
+            for index in range(1):
+                model.set_model_patch_replace(single_only(override), "dit", "single_block", index)
+        sample(comfy, model, steps=1)
+        return recorder.first
+
+    def single_only(override):
+        def replace(args, extra):
+            options = dict(args["transformer_options"], optimized_attention_override=override)
+            return extra["original_block"]({**args, "transformer_options": options})
+        return replace
+
+    ours = first_prediction(patch(comfy, flux, rate_fine=1.0, key_positions="as is"))
+    expected = first_prediction(flux, reference)
+    vanilla = first_prediction(flux)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    assert (ours - vanilla).abs().max() > 100 * (ours - expected).abs().max()
+
+
+def test_story_rules_on_flux(comfy, flux):
+    """Two characters, a two-character panel and an [NC] panel: each row reads exactly the image
+    tokens of its characters' identity panels, in one call or two panels per call."""
+    story = parse_story("[Bob] a man\n[Alice] a woman\n[Bob] walks\n[Alice] reads\n[Bob] and [Alice] talk\n[NC] a forest",
+                        "No style")
+    sources = {0: set(), 1: set(), 2: {0, 1}, 3: set()}  # one solo panel each: identity panels read nobody
+    for per_call in (0, 2):
+        probe = JointProbe()
+        sample(comfy, with_probe(patch(comfy, flux, rate_fine=1.0, key_positions="as is", story=story,
+                                       panels_per_call=per_call), probe), steps=1)
+        own = {}
+        for rows, tokens, keys, _ in probe.calls:
+            if rows is not None:
+                for row, name in enumerate(rows):
+                    own.setdefault(name, keys[row, :, TEXT:tokens])
+        for rows, tokens, keys, _ in probe.calls:
+            for row, (chunk, panel) in enumerate(rows or ()):
+                extra = keys[row, :, tokens:]
+                assert extra.shape[1] == IMAGE * len(sources[panel]), f"panel {panel}"
+                segments = {src for src in sources[panel]
+                            if any(torch.equal(seg, own[(chunk, src)]) for seg in extra.split(IMAGE, dim=1))}
+                assert segments == sources[panel]
+    assert isinstance(story.cast(2), StoryCast)
+
+
+def test_unsupported_models_are_named(comfy, loaded):
+    """A model family without support is an error that names it (here: a UNet asked for DiT blocks)."""
+    model, _ = loaded("sd15_small")
+    with pytest.raises(ValueError, match="names DiT blocks but this model is a UNet"):
+        patch(comfy, model, blocks="single-stream")
