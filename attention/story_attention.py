@@ -64,18 +64,21 @@ class StoryCall:
     StoryCall, and so its own bank)."""
 
     def __init__(self, planner: CallPlanner, cast: StoryCast, chunks: int, first_chunk: int = 0,
-                 layout: TokenLayout = TokenLayout()):
+                 layout: TokenLayout = TokenLayout(), keep_bank: bool = True):
         self.planner = planner
         self.cast = cast
         self.chunks = chunks
         self.first_chunk = first_chunk
         self.layout = layout
+        self.keep_bank = keep_bank  # False: one sub-call writes and reads everything, so a layer's bank dies with it
+        self.bank_peak = 0
         self.slots = len(cast.identity_panels)
         self.bank: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._positions: dict[tuple, torch.Tensor] = {}
         self._rows: dict[tuple, SubCallRows] = {}
 
     def bank_bytes(self) -> int:
+        """Bytes of identity tokens held now; ``bank_peak`` is the most held at once."""
         return sum(t.numel() * t.element_size() for pair in self.bank.values() for t in pair)
 
     def attention(
@@ -102,7 +105,8 @@ class StoryCall:
         rows = self._sub_call_rows(panels, k.device)
         if rows.write_rows.numel():
             self._write(layer, rows, k, v, count)
-        bank = self.bank.get(layer)
+            self.bank_peak = max(self.bank_peak, self.bank_bytes())
+        bank = self.bank.get(layer) if self.keep_bank else self.bank.pop(layer, None)
         out = None
         for group in rows.groups:
             q_g, k_g, v_g = (group.take(t) for t in (q, k, v))

@@ -72,7 +72,7 @@ class CallTimer:
             end = time.perf_counter()
         self.marks.append((kind, rows, start, end))
         if state is not None and state.story is not None:
-            self.bank_bytes = max(self.bank_bytes, state.story.bank_bytes())
+            self.bank_bytes = max(self.bank_bytes, state.story.bank_peak)
         return out
 
     def take(self) -> list[tuple[str, int, float]]:

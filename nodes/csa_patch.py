@@ -124,9 +124,11 @@ class ConsistentAttentionPatch:
         self.prepare(options, planner)
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
-    def story_call(self, planner: CallPlanner, chunks: int, first_chunk: int, x, c_crossattn) -> StoryCall:
-        """The identity bank and reads of one model call (or of one chunk of it)."""
-        return StoryCall(planner, self.cast, chunks, first_chunk)
+    def story_call(self, planner: CallPlanner, chunks: int, first_chunk: int, x, c_crossattn,
+                   keep_bank: bool = True) -> StoryCall:
+        """The identity bank and reads of one model call (or of one chunk of it); ``keep_bank`` False
+        when a single sub-call writes and reads every layer's bank (it is then dropped at once)."""
+        return StoryCall(planner, self.cast, chunks, first_chunk, keep_bank=keep_bank)
 
     def prepare(self, options: dict, planner: CallPlanner, story=None, panels: tuple[int, ...] = ()) -> dict:
         """Put a fresh ``CallState`` and this patch's attention override (chained to the one found

@@ -63,11 +63,11 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
             return run_story_call(self, planner, executor, x, t, c_concat, c_crossattn, control, options, **kwargs)
         chunks = len(options.get("cond_or_uncond") or [0])
         panels = x.shape[0] // chunks
-        story = self.story_call(planner, chunks, 0, x, c_crossattn)
+        story = self.story_call(planner, chunks, 0, x, c_crossattn, keep_bank=False)
         self.prepare(options, planner, story, tuple(range(panels)))
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
-    def story_call(self, planner, chunks: int, first_chunk: int, x, c_crossattn) -> StoryCall:
+    def story_call(self, planner, chunks: int, first_chunk: int, x, c_crossattn, keep_bank: bool = True) -> StoryCall:
         height, width = x.shape[-2:]
         patch = 2  # Flux's 2x2 patches, padded up
         rows, columns = (height + patch // 2) // patch, (width + patch // 2) // patch
@@ -77,7 +77,7 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
             shift = rope_shift(*self.rope, WIDTH_AXIS, columns)
         layout = TokenLayout(token_dim=2, shared=(text, rows * columns), key_shift=shift)
         cast = self.cast if self.cast is not None else BatchCast.of(x.shape[0] // chunks, self.config.window)
-        return StoryCall(planner, cast, chunks, first_chunk, layout)
+        return StoryCall(planner, cast, chunks, first_chunk, layout, keep_bank)
 
 
 class BlockMarker:

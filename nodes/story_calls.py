@@ -33,7 +33,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
         check_references(patch.references, executor.class_obj, tuple(x.shape[-2:]))
     per_call = patch.panels_per_call or rows_that_fit(executor.class_obj, x)
     if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
-        story = patch.story_call(planner, chunks, 0, x, c_crossattn)
+        story = patch.story_call(planner, chunks, 0, x, c_crossattn, keep_bank=bool(patch.references))
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunks))
         patch.prepare(options, planner, story, tuple(range(panels)))
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)

@@ -158,3 +158,44 @@ def test_take_rows_cuts_nested_inputs_and_names_what_it_cannot():
     with pytest.raises(ConsistentAttentionError, match=r"'control\.a\[1\]' has 3 rows for a batch of 4"):
         take_rows({"a": [x, torch.ones(3)]}, index, 4, "control")
     assert call_rows((1, 3), 2, 5) == [1, 3, 6, 8]
+
+
+def test_a_single_call_keeps_one_layer_of_identity_tokens_at_a_time():
+    c, chunks, tokens, width = cast(2), 2, 16, 8
+    q, k, v = (torch.randn(chunks * c.panels, tokens, width, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    config = CSAConfig(rate_fine=0.5, rate_coarse=0.5, blocks="all", schedule="always")
+    kept, dropped = (StoryCall(CallPlanner(config, Step(0, 1)), c, chunks, keep_bank=keep) for keep in (True, False))
+    panels = tuple(range(c.panels))
+    for layer in range(3):
+        outs = [story.attention((("output", layer), 0), panels, q, k, v, (4, 4), sdpa(2)) for story in (kept, dropped)]
+        assert torch.equal(outs[0], outs[1]), "the same attention either way"
+    one_layer = 2 * chunks * 4 * 8 * width * 4  # k and v, 4 identity slots, 8 sampled tokens, fp32
+    assert kept.bank_bytes() == 3 * one_layer and dropped.bank_bytes() == 0 and dropped.bank_peak == one_layer
+
+
+def test_dit_layout_shares_image_tokens_only_and_shifts_keys():
+    """[rows, heads, tokens, dim] with 3 text tokens first: shared tokens come from the image part."""
+    from consistent_story.attention import BatchCast, TokenLayout, rope_shift
+
+    rows, heads, text, image, dim = 3, 2, 3, 8, 8
+    q, k, v = (torch.randn(rows, heads, text + image, dim, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    shift = rope_shift((2, 2, 4), 10000.0, 2, 5)
+    layout = TokenLayout(token_dim=2, shared=(text, image), key_shift=shift)
+    config = CSAConfig(rate_fine=1.0, rate_coarse=1.0, blocks="all", schedule="always")
+    story = StoryCall(CallPlanner(config, Step(0, 1)), BatchCast.of(rows, 0), 1, layout=layout)
+    seen = {}
+
+    def record(q_, k_, v_, names):
+        for i, name in enumerate(names):
+            seen[name] = (k_[i], v_[i])
+        return q_.transpose(1, 2).flatten(2)
+
+    story.attention((("single", 0), 0), (0, 1, 2), q, k, v, None, record)
+    keys, values = seen[(0, 0)]
+    assert keys.shape == (heads, text + image + 2 * image, dim)
+    torch.testing.assert_close(keys[:, text + image:], shift(torch.cat([k[1, :, text:], k[2, :, text:]], dim=1)))
+    torch.testing.assert_close(values[:, text + image:], torch.cat([v[1, :, text:], v[2, :, text:]], dim=1))
+    # a shift by 0 changes nothing; two shifts add up
+    torch.testing.assert_close(rope_shift((2, 2, 4), 10000.0, 2, 0)(k), k)
+    two = rope_shift((2, 2, 4), 10000.0, 2, 2)
+    torch.testing.assert_close(two(rope_shift((2, 2, 4), 10000.0, 2, 3)(k)), shift(k), rtol=1e-5, atol=1e-5)
