@@ -47,10 +47,10 @@ def import_comfy(comfy_dir: Path, cpu: bool):
     import comfy.samplers  # noqa: F401
 
 
-def load_csa_patch_module():
-    """``consistent_story.nodes.csa_patch``, the pack imported as the tests import it."""
+def load_csa_patch_module(name: str = "csa_patch"):
+    """``consistent_story.nodes.<name>`` (default ``csa_patch``), the pack imported as the tests import it."""
     load_pack()
-    return importlib.import_module(f"{PACK_NAME}.nodes.csa_patch")
+    return importlib.import_module(f"{PACK_NAME}.nodes.{name}")
 
 
 def init_random_(module, seed: int) -> None:
@@ -82,6 +82,33 @@ def build_sdxl(tiny: bool, seed: int = 0):
     config = comfy.supported_models.SDXL(TINY_UNET if tiny else SDXL_UNET)
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)  # weights allocated straight on the GPU
+    init_random_(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+
+
+# Flux.1-dev's layout (ComfyUI's Flux detection: 3072 wide, 24 heads, 19 double + 38 single blocks).
+FLUX_DEV = {
+    "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+    "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True,
+}
+
+
+def build_flux(tiny: bool, seed: int = 0):
+    """A ModelPatcher over ComfyUI's own Flux class, Flux.1-dev layout (tiny: 1 + 1 blocks), random
+    bf16 weights on the GPU (fp32 on the CPU)."""
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    device = mm.get_torch_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = comfy.supported_models.Flux(dict(FLUX_DEV, depth=1, depth_single_blocks=1) if tiny else FLUX_DEV)
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=device)
     init_random_(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())

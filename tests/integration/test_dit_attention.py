@@ -228,3 +228,18 @@ def test_unsupported_models_are_named(comfy, loaded):
     model, _ = loaded("sd15_small")
     with pytest.raises(ValueError, match="names DiT blocks but this model is a UNet"):
         patch(comfy, model, blocks="single-stream")
+
+
+def test_a_family_without_support_is_named(comfy):
+    """An SD3 MMDiT (ComfyUI's own class, two joint blocks, built on the meta device: never run)."""
+    from comfy.model_patcher import ModelPatcher
+    from comfy.supported_models import SD3
+
+    config = SD3({
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+        "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "num_patches": 36864, "pos_embed_max_size": 192,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    })
+    sd3 = ModelPatcher(config.get_model({}, device="meta"), load_device="cpu", offload_device="cpu")
+    with pytest.raises(ValueError, match=r"supports SD1.5- and SDXL-family UNets and Flux-family DiTs; this model is SD3"):
+        patch(comfy, sd3)
