@@ -25,19 +25,35 @@ MAX_TOKEN_REPEATS = 12
 PHOTOMAKER_TRIGGER = "photomaker"  # the word ComfyUI's PhotoMakerEncode replaces with the person's ID
 
 
-def encode(clip, text: str) -> dict:
+def encode(clip, text: str, tokenizer_options: dict | None = None) -> dict:
     """CLIPTextEncode's encoding of one text: {"cond": [1, L, D], "pooled_output": [1, P], ...}."""
-    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+    tokens = clip.tokenize(text, tokenizer_options=tokenizer_options) if tokenizer_options else clip.tokenize(text)
+    return clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
 
 
-def panel_encoder(clip, photomaker=None, photomaker_image=None):
+def common_padding(clip, texts) -> dict:
+    """Tokenizer options that pad every text to one length where the tokenizer does not do it.
+
+    CLIP tokenizers cut and pad text into 77-token chunks, which ``repeat_tokens`` batches. A T5
+    tokenizer (Flux, SD3) returns one sequence as long as the text: different panels would not
+    batch. Its texts are padded to the longest with T5's pad token, as Flux pipelines pad to a
+    fixed length (``<key>_min_length``, ComfyUI's tokenizer option)."""
+    lengths: dict[str, set[int]] = {}
+    for text in texts:
+        for key, batches in clip.tokenize(text).items():
+            if len(batches) == 1:  # one sequence: a chunking tokenizer's would all be one chunk long
+                lengths.setdefault(key, set()).add(len(batches[0]))
+    return {f"{key}_min_length": max(found) for key, found in lengths.items() if len(found) > 1}
+
+
+def panel_encoder(clip, photomaker=None, photomaker_image=None, tokenizer_options=None):
     """``encode``, or, with a PhotoMaker model and a face image, ComfyUI's own PhotoMakerEncode for
     every prompt containing the word 'photomaker' (the person's ID fused into the word before it)."""
     if (photomaker is None) != (photomaker_image is None):
         missing = "photomaker_image" if photomaker_image is None else "photomaker"
         raise ValueError(f"{missing} is empty: PhotoMaker needs both the model (PhotoMaker Loader) and a face image.")
     if photomaker is None:
-        return lambda text: encode(clip, text)
+        return lambda text: encode(clip, text, tokenizer_options)
     import nodes as comfy_nodes  # ComfyUI's node registry (this pack's nodes/ is imported relatively)
 
     core = comfy_nodes.NODE_CLASS_MAPPINGS.get("PhotoMakerEncode")
@@ -101,7 +117,8 @@ def _batch_extra(key: str, values: list, length: int):
         return first
     raise ValueError(
         f"This text encoder returns '{key}' in a form that cannot be batched per panel. Story Prompts supports "
-        "CLIP text encoders (SD1.5 and SDXL families); for other models, encode each panel with CLIPTextEncode."
+        "CLIP and T5 text encoders (SD1.5, SDXL and Flux families); for other models, encode each panel with "
+        "CLIPTextEncode."
     )
 
 
@@ -188,7 +205,8 @@ class StoryPrompts(io.ComfyNode):
                 "The clip input is empty: the checkpoint has no text encoder. Load one with a CLIP loader."
             )
         parsed = parse_story(story, style, custom_style, negative)
-        encode_panel = panel_encoder(clip, photomaker, photomaker_image)
+        padding = common_padding(clip, [panel.prompt for panel in parsed.panels] + [parsed.negative])
+        encode_panel = panel_encoder(clip, photomaker, photomaker_image, padding)
         if photomaker is not None and not any(PHOTOMAKER_TRIGGER in p.prompt.split(" ") for p in parsed.panels):
             raise ValueError(
                 f"photomaker is connected but no panel prompt has the word '{PHOTOMAKER_TRIGGER}' (as a word of its own). "
@@ -196,7 +214,7 @@ class StoryPrompts(io.ComfyNode):
             )
         # The negative is one prompt: batch 1 is tiled to any batch by repeat_to_batch_size, so the
         # same output also fits a latent batch that differs from panel_count.
-        negative_encoding = encode(clip, parsed.negative)
+        negative_encoding = encode(clip, parsed.negative, padding)
         progress = comfy.utils.ProgressBar(len(parsed.panels))
         encodings = []
         for panel in parsed.panels:

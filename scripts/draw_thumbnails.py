@@ -26,6 +26,7 @@ BOB, ALICE = ("person", (40, 40, 40), (200, 50, 50)), ("person", (210, 90, 40), 
 TOM, REX = ("person", (60, 90, 200), (230, 190, 60)), ("animal", (140, 95, 60))
 TOBY = ("animal", (150, 100, 60))
 ANN = ("person", (30, 30, 30), (240, 200, 40))
+NIA = ("person", (200, 200, 210), (50, 90, 170))
 
 THUMBNAILS = {
     "comic_sd15": ("Consistent Story - SD1.5", "7 panels, two characters and a street: classic page", [2, 3, 2], [
@@ -47,6 +48,10 @@ THUMBNAILS = {
     "photomaker_story_sdxl": ("PhotoMaker story - SDXL", "a face from a photo, a consistent look", [2, 2], [
         ([ANN], "Her first night."), ([ANN], "Better than the guide."), ([], "The city never sleeps."),
         ([ANN], "A new friend."),
+    ]),
+    "comic_flux": ("Consistent Story - Flux", "image tokens shared in the single-stream blocks", [2, 2], [
+        ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
+        ([NIA], "Nothing but sky."),
     ]),
     "long_story_sd15": ("A long story - SD1.5", "24 panels in one sampler, 4 per model call", [4, 4, 4], [
         ([TOM], ""), ([REX], ""), ([TOM, REX], ""), ([], ""), ([TOM], ""), ([TOM, REX], ""),

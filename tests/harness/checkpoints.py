@@ -210,6 +210,20 @@ def build_flux(path: str | os.PathLike, seed: int = 0, depth: int = 1, single: i
     return path
 
 
+def build_flux_vae(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random-weight Flux VAE (ComfyUI's AutoencoderKL with 16 latent channels), as VAELoader reads it."""
+    import_comfyui()
+    import comfy.utils
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=dict(_KL_VAE_CONFIG, z_channels=16), embed_dim=16)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(_random_state_dict(vae, seed, FIXED_PART_DTYPE), str(path))
+    return path
+
+
 def build_lora(kind: str, path: str | os.PathLike, seed: int = 0, rank: int = 4) -> Path:
     """A random rank-``rank`` LoRA (kohya key names, as LoraLoader reads them) on every attention
     projection of the UNet of ``kind``; strong enough to change what the UNet draws."""

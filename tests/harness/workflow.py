@@ -234,7 +234,7 @@ def shrink(prompt: dict, size: int, steps: int) -> None:
     """Smaller panels (width and height at most ``size``, ratio kept; character references alike),
     fewer sampling steps, and comic pages scaled like the panels, so they are not drawn blown up."""
     scales = []
-    for node_type in ("EmptyLatentImage", CHARACTER_FROM_IMAGE):
+    for node_type in ("EmptyLatentImage", "EmptySD3LatentImage", CHARACTER_FROM_IMAGE):
         for node in nodes_of_type(prompt, node_type).values():
             width, height = node["inputs"]["width"], node["inputs"]["height"]
             scales.append(min(1.0, size / max(width, height)))

@@ -138,3 +138,22 @@ def test_photomaker_panels_are_core_photomaker_encodings(comfy, loaded):
                                                photomaker=photomaker, photomaker_image=face)
     with pytest.raises(ValueError, match="photomaker_image is empty"):
         comfy.NODE_CLASS_MAPPINGS[NODE].execute(clip=clip, story=text, style="No style", negative="", photomaker=photomaker)
+
+
+def test_t5_prompts_of_different_lengths_are_padded_to_one_batch(comfy):
+    """Flux's text encoder (ComfyUI's FluxTokenizer and CLIP wrapper; a stand-in for T5-XXL itself):
+    T5 returns one sequence as long as the text, so every panel is padded to the longest with T5's
+    pad token, the way Flux pipelines pad, and each row is that panel's padded encoding."""
+    from harness.text_encoders import flux_text_encoder
+
+    clip = flux_text_encoder()
+    long = ", ".join(["a very long winding mountain road with pine trees"] * 40)  # past T5's 256-token minimum
+    text = f"[Bob] a man in a red coat\n[Bob] walks\n[NC] {long}"
+    with torch.inference_mode():
+        positive, negative, _, _, story = run_node(comfy, clip, text)
+    [[cond, extras]], [[negative_cond, _]] = positive, negative
+    lengths = [len(clip.tokenize(p.prompt)["t5xxl"][0]) for p in story.panels]
+    assert lengths[0] < lengths[1] and cond.shape == (2, lengths[1], 4096) and negative_cond.shape[1] == lengths[1]
+    padded = clip.tokenize(story.panels[0].prompt, tokenizer_options={"t5xxl_min_length": lengths[1]})
+    alone = clip.encode_from_tokens(padded, return_pooled=True, return_dict=True)
+    assert torch.equal(cond[0:1], alone["cond"]) and torch.equal(extras["pooled_output"][0:1], alone["pooled_output"])
