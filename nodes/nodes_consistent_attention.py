@@ -132,6 +132,8 @@ class ConsistentSelfAttention(io.ComfyNode):
             )
         if not config.enabled:
             return io.NodeOutput(model)
+        if config.blocks == "custom":
+            check_custom_blocks(config.custom_blocks, attention_blocks(model, family))
         patched = model.clone()
         references = story.references if story is not None else ()
         if family == "dit":
@@ -139,6 +141,35 @@ class ConsistentSelfAttention(io.ComfyNode):
         else:
             ConsistentAttentionPatch(config, cast, panels_per_call, references).install(patched)
         return io.NodeOutput(patched)
+
+
+def attention_blocks(model, family: str) -> set[tuple[str, int]]:
+    """The blocks of this model that hold a self-attention CSA can extend, in ComfyUI's naming."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    if family == "dit":
+        return {("double", i) for i in range(len(diffusion_model.double_blocks))} | \
+            {("single", i) for i in range(len(diffusion_model.single_blocks))}
+    found = set()
+    for kind, blocks in (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+                         ("output", diffusion_model.output_blocks)):
+        for index, block in enumerate(blocks):
+            if any(type(module).__name__ == "BasicTransformerBlock" for module in block.modules()):
+                found.add((kind, index))
+    return found
+
+
+def check_custom_blocks(chosen: frozenset, available: set[tuple[str, int]]) -> None:
+    """A custom block list that reaches no self-attention layer would do nothing: name what there is."""
+    if chosen & available:
+        return
+    by_kind: dict[str, list[int]] = {}
+    for kind, index in sorted(available):
+        by_kind.setdefault(kind, []).append(index)
+    listed = ", ".join(f"{kind} {', '.join(map(str, indices))}" for kind, indices in by_kind.items())
+    raise ConsistentAttentionError(
+        f"custom_blocks names no block of this model that has self-attention, so it would change nothing. "
+        f"This model's blocks with self-attention: {listed}."
+    )
 
 
 def model_family(model) -> str:

@@ -301,3 +301,12 @@ def test_prompt_batch_that_does_not_match_the_latent_batch_says_how_to_wire_it(c
     assert torch.isfinite(sample(comfy, patched, clip, positive=two_prompts, panels=2, steps=1)).all()
     with pytest.raises(ValueError, match="panel_count into the latent's batch_size"):
         sample(comfy, patched, clip, positive=two_prompts, panels=3, steps=1)
+
+
+def test_custom_blocks_that_reach_no_self_attention_are_refused(comfy, loaded):
+    """sd15_small has self-attention in input 1, 3, middle 0 and output 2-5: output 0-1 and 40-45 have none."""
+    model, _ = loaded("sd15_small")
+    for blocks in ("output 0-1", "output 40-45, input 9"):
+        with pytest.raises(ValueError, match=r"blocks with self-attention: input 1, 3, middle 0, output 2, 3, 4, 5"):
+            patch(comfy, model, blocks="custom", custom_blocks=blocks)
+    assert patch(comfy, model, blocks="custom", custom_blocks="output 0-2") is not model, "reaches output 2: fine"
