@@ -98,23 +98,27 @@ class ConsistentAttentionPatch:
             raise ConsistentAttentionError(
                 "this model already has Consistent Self-Attention; use one Consistent Self-Attention node per model."
             )
-        model.set_model_attn1_patch(self)
+        self.mark_layers(model)
         model.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, self.wrap_apply_model)
         model.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY, self.check_batch)
         if self.cast is not None:
             model.add_wrapper_with_key(PREPARE_SAMPLING, WRAPPER_KEY, self.size_model_load)
 
+    def mark_layers(self, model) -> None:
+        """Have each self-attention layer name itself before its attention call: an attn1 patch."""
+        model.set_model_attn1_patch(self)
+
     def check_batch(self, executor, noise, *args, **kwargs):
         story_panels = None if self.cast is None else self.cast.panels
         return check_panel_batch(executor, noise, *args, story_panels=story_panels, **kwargs)
 
-    def size_model_load(self, executor, model, noise_shape, conds, model_options=None):
+    def size_model_load(self, executor, model, noise_shape, conds, model_options=None, **kwargs):
         """PREPARE_SAMPLING wrapper: ComfyUI sizes its model load from the whole batch; a story runs
         at most its largest panel subset at once, so ask for that (the weights then stay loaded
         instead of being pushed off the GPU by a long story). Without panels_per_call: the least
         that must run at once, the largest character's identity panels; the rest fits at run time."""
         panels = min(noise_shape[0], self.cast.largest_call(self.panels_per_call or 1))
-        return executor(model, [panels] + list(noise_shape[1:]), conds, model_options=model_options)
+        return executor(model, [panels] + list(noise_shape[1:]), conds, model_options=model_options, **kwargs)
 
     def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         options = dict(transformer_options)  # the caller's dict stays untouched

@@ -49,6 +49,10 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
                 "Consistent Self-Attention does not support that layout yet."
             )
         super().install(model)
+
+    def mark_layers(self, model) -> None:
+        """Every double- and single-stream block names itself before its joint attention."""
+        diffusion_model = model.get_model_object("diffusion_model")
         replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
         blocks = [("double_block", len(diffusion_model.double_blocks)), ("single_block", len(diffusion_model.single_blocks))]
         for name, count in blocks:

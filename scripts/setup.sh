@@ -59,4 +59,19 @@ if [ "$(cat "$venv/.consistent-story-stamp" 2>/dev/null)" != "$stamp" ]; then
   "$py" -m pip install --quiet -r "$venv/comfyui-requirements.txt" -r "$repo/requirements.txt" -r "$repo/tests/requirements.txt"
   echo "$stamp" > "$venv/.consistent-story-stamp"
 fi
+
+# ComfyUI 0.8 and newer import torchaudio from core model code. PyPI has no torchaudio for this
+# torch; 2.11.1 imports and works beside it (installed without its torch pin). Older hosts only
+# lose their audio nodes without it, as before.
+if ! "$py" -c 'import torchaudio' 2>/dev/null && "$py" - "$comfy_dir" <<'PYEOF'
+import re, sys
+from pathlib import Path
+text = (Path(sys.argv[1]) / "comfyui_version.py").read_text()
+major, minor = (int(p) for p in re.search(r'"(\d+)\.(\d+)', text).groups())
+sys.exit(0 if (major, minor) >= (0, 8) else 1)
+PYEOF
+then
+  say "installing torchaudio 2.11.1 (without dependencies) for ComfyUI >= 0.8"
+  "$py" -m pip install --isolated --quiet --no-deps torchaudio==2.11.1
+fi
 echo "$py"

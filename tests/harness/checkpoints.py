@@ -146,7 +146,7 @@ def build_checkpoint(kind: str, path: str | os.PathLike, seed: int = 0, taesd: b
     model = _random_model(model_config, seed)
     clip_sd = _random_state_dict(_meta_text_encoder(model_config), seed, FIXED_PART_DTYPE)
     vae_sd = _random_state_dict(_meta_vae(taesd), seed, FIXED_PART_DTYPE)
-    state_dict = model.state_dict_for_saving(clip_sd, vae_sd)
+    state_dict = state_dict_for_saving(model, clip_sd, vae_sd)
     _check_detection(state_dict, spec)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,13 @@ def build_flux(path: str | os.PathLike, seed: int = 0, depth: int = 1, single: i
     import comfy.supported_models
     import comfy.utils
 
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
     config = dict(FLUX_TINY, depth=depth, depth_single_blocks=single)
+    if "txt_ids_dims" in {field.name for field in dataclasses.fields(FluxParams)}:
+        config["txt_ids_dims"] = []  # newer ComfyUI (Flux.1: no text position ids), a required field there
     model_config = comfy.supported_models.Flux(config)
     model_config.set_inference_dtype(torch.bfloat16, None)
     diffusion_model = model_config.get_model({}, device="meta").diffusion_model
@@ -277,6 +283,16 @@ def photomaker_file(session_dir: Path) -> str:
     return path.name
 
 
+def state_dict_for_saving(model, clip_sd: dict, vae_sd: dict) -> dict:
+    """``BaseModel.state_dict_for_saving`` across ComfyUI versions: since v0.12 it takes the UNet's
+    state dict first instead of reading it from the model."""
+    import inspect
+
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        return model.state_dict_for_saving(model.diffusion_model.state_dict(), clip_sd, vae_sd)
+    return model.state_dict_for_saving(clip_sd, vae_sd)
+
+
 def _model_config(spec: CheckpointKind):
     import comfy.supported_models
 
@@ -327,7 +343,7 @@ def _initial_value(name: str, owner: torch.nn.Module, shape: torch.Size, dtype: 
         return torch.full(shape, _CONSTANTS[leaf], dtype=dtype)
     if isinstance(owner, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
         return torch.ones(shape, dtype=dtype) if leaf == "weight" else torch.zeros(shape, dtype=dtype)
-    if leaf == "scale":  # RMSNorm (Flux's query/key norms)
+    if leaf == "scale" or type(owner).__name__ == "RMSNorm":  # Flux's query/key norms ("weight" in newer ComfyUI)
         return torch.ones(shape, dtype=dtype)
     if leaf == "bias":
         return torch.zeros(shape, dtype=dtype)

@@ -99,6 +99,24 @@ def _execution_error(messages: list[tuple[str, Any]]) -> GraphError | None:
     return None
 
 
+def new_executor(execution, server):
+    """A classic-cache PromptExecutor across ComfyUI versions (``cache_args`` is required since v0.19;
+    main.py gives a classic cache no RAM headroom, as here)."""
+    import inspect
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        cache_args = {"lru": 0, "ram": 0.0, "ram_inactive": 0.0}
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args=cache_args)
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+
+
+def cached_outputs(cache, node_id: str):
+    """A node's output values from the executor's output cache, across ComfyUI versions: newer
+    caches have an async ``get`` and a sync ``get_local`` and store ``CacheEntry(ui, outputs)``."""
+    value = cache.get_local(node_id) if hasattr(cache, "get_local") else cache.get(node_id)
+    return getattr(value, "outputs", value)
+
+
 def run_prompt(prompt: dict, extra_data: dict | None = None) -> GraphResult:
     """Validate and execute ``prompt`` (API format); raise ``GraphError`` with ComfyUI's message."""
     import execution
@@ -111,7 +129,7 @@ def run_prompt(prompt: dict, extra_data: dict | None = None) -> GraphResult:
         raise GraphError("validation", _validation_message(error, node_errors), node_errors)
 
     server = ServerStub()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    executor = new_executor(execution, server)
     executor.execute(prompt, prompt_id, dict(extra_data or {}), outputs)
     failure = _execution_error(executor.status_messages)
     if failure is not None:
@@ -119,7 +137,7 @@ def run_prompt(prompt: dict, extra_data: dict | None = None) -> GraphResult:
     if not executor.success:
         raise GraphError("execution", "PromptExecutor reported failure without an error message")
 
-    values = {node_id: executor.caches.outputs.get(node_id) for node_id in executor.caches.outputs.all_node_ids()}
+    values = {node_id: cached_outputs(executor.caches.outputs, node_id) for node_id in executor.caches.outputs.all_node_ids()}
     return GraphResult(
         prompt_id=prompt_id,
         ui=executor.history_result["outputs"],
