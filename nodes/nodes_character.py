@@ -85,7 +85,7 @@ class SaveCharacter(io.ComfyNode):
             display_name="Save Character",
             category=CATEGORY,
             description=(
-                f"Saves a story character to models/consistent_story_characters as .safetensors (its reference "
+                "Saves a story character to models/consistent_story_characters as .safetensors (its reference "
                 "latents, name, description, model family and size), for Load Character in other stories. A "
                 "character from images saves those; a generated one saves its identity panels, taken from the "
                 "story's decoded images. An existing file is never overwritten: a number is added to the name."

@@ -107,7 +107,7 @@ def test_each_panel_reads_exactly_the_identity_panels_of_its_characters(comfy, s
         assert set(rows) == {(chunk, panel) for chunk in (0, 1) for panel in range(panels)}, "both CFG halves"
         for (chunk, panel), keys in rows.items():
             tokens = next(q for b, i, _, _, q in probe.calls if (b, i) == (block, index))
-            own, extra = keys[:tokens], keys[tokens:]
+            extra = keys[tokens:]
             sources = EXPECTED_SOURCES[panel]
             assert extra.shape[0] == tokens * len(sources), f"panel {panel} reads {len(sources)} identity panels"
             segments = list(extra.split(tokens)) if len(sources) else []
