@@ -49,7 +49,7 @@ class JointProbe(SharedAcrossClones):
 def flux(comfy):
     import folder_paths
 
-    from harness.checkpoints import build_flux
+    from harness.model_files import build_flux
 
     folder = comfy.session_dir / "diffusion_models"
     path = folder / "random_flux_tiny.safetensors"

@@ -239,7 +239,7 @@ def test_controlnet_residuals_and_area_conds_are_cut_by_panel(comfy, story_setup
     """A story split into calls with a ControlNet (random weights, real loader and apply nodes) and an
     area conditioning: the same images as in one call, and the ControlNet does change them."""
     import folder_paths
-    from harness.checkpoints import build_controlnet
+    from harness.model_files import build_controlnet
 
     model, clip, positive, negative, panels, story = story_setup
     folder = comfy.session_dir / "controlnet"

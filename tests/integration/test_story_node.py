@@ -117,7 +117,7 @@ def test_photomaker_panels_are_core_photomaker_encodings(comfy, loaded):
     """With a PhotoMaker model (random weights, real loader) and a face, the panels with the word
     'photomaker' (every panel of the character whose description has it) are exactly core
     PhotoMakerEncode's conditioning; the others plain CLIP."""
-    from harness.checkpoints import photomaker_file
+    from harness.model_files import photomaker_file
 
     model, clip = loaded("vega_small")
     nodes = comfy.NODE_CLASS_MAPPINGS

@@ -254,7 +254,7 @@ def provide_flux_files(prompt: dict, comfy) -> None:
     """A random Flux.1-dev (one double and one single block) and Flux VAE; the text encoders replaced."""
     import folder_paths
 
-    from harness.checkpoints import build_flux, build_flux_vae
+    from harness.model_files import build_flux, build_flux_vae
 
     for folder_name, builder, class_type, widget in (
         ("diffusion_models", build_flux, "UNETLoader", "unet_name"), ("vae", build_flux_vae, "VAELoader", "vae_name"),
@@ -275,7 +275,7 @@ def provide_user_files(prompt: dict, kind: str, comfy) -> None:
     one in the session's input folder)."""
     import folder_paths
 
-    from harness.checkpoints import build_lora, photomaker_file
+    from harness.model_files import build_lora, photomaker_file
 
     for node in nodes_of_type(prompt, "LoraLoader").values():
         folder = comfy.session_dir / "loras"
@@ -332,7 +332,7 @@ def test_the_test_lora_patches_every_attention_projection(comfy, checkpoints, re
     """The random LoRA that stands in for the user's (lora_story_sdxl) is one ComfyUI applies fully."""
     import folder_paths
 
-    from harness.checkpoints import build_lora
+    from harness.model_files import build_lora
 
     folder = comfy.session_dir / "loras"
     path = build_lora("vega_small", folder / "random_vega_small_check.safetensors")

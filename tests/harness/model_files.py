@@ -1,0 +1,138 @@
+"""Random-weight model files other than checkpoints, built with ComfyUI's own classes: a ControlNet,
+a Flux.1-dev diffusion model and VAE, a LoRA, a PhotoMaker ID encoder. Each is what the matching
+ComfyUI loader reads (ControlNetLoader, UNETLoader, VAELoader, LoraLoader, PhotoMakerLoader),
+seeded like the checkpoints (see checkpoints.py), and checked where ComfyUI detects a layout.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from harness.checkpoints import FIXED_PART_DTYPE, KINDS, _KL_VAE_CONFIG, _model_config, _random_state_dict, _tensor_seed
+from harness.comfy_env import import_comfyui
+
+
+def build_controlnet(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random-weight ControlNet (ComfyUI's ``cldm.ControlNet``, its original key layout) for the
+    UNet of ``kind``; ControlNetLoader detects its layout from the keys as for a real one. Its zero
+    convolutions are random too, so it changes what the UNet draws."""
+    import_comfyui()
+    import comfy.cldm.cldm
+    import comfy.utils
+
+    config = dict(_model_config(KINDS[kind]).unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, device="meta", dtype=torch.float32)
+    state_dict = _random_state_dict(comfy.cldm.cldm.ControlNet(**config), seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(state_dict, str(path))
+    return path
+
+
+# ComfyUI 0.3.64 detects Flux's widths as fixed (3072 wide, 24 heads, T5's 4096-wide context); only
+# the number of blocks is read from the weights. One double and one single block is the smallest
+# Flux.1-dev (guidance embedding) it loads: 0.5 billion parameters, 1 GB in bf16.
+FLUX_TINY = {
+    "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True,
+}
+
+
+def build_flux(path: str | os.PathLike, seed: int = 0, depth: int = 1, single: int = 1) -> Path:
+    """A random-weight Flux.1-dev-layout diffusion model file, as UNETLoader reads it (checked to be
+    detected as ComfyUI's Flux with ``depth`` double and ``single`` single-stream blocks)."""
+    import_comfyui()
+    import comfy.model_detection
+    import comfy.supported_models
+    import comfy.utils
+
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    config = dict(FLUX_TINY, depth=depth, depth_single_blocks=single)
+    if "txt_ids_dims" in {field.name for field in dataclasses.fields(FluxParams)}:
+        config["txt_ids_dims"] = []  # newer ComfyUI (Flux.1: no text position ids), a required field there
+    model_config = comfy.supported_models.Flux(config)
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    diffusion_model = model_config.get_model({}, device="meta").diffusion_model
+    state_dict = _random_state_dict(diffusion_model, seed, torch.bfloat16)
+    detected = comfy.model_detection.detect_unet_config(state_dict, "")
+    if type(comfy.model_detection.model_config_from_unet_config(detected, state_dict)).__name__ != "Flux" or \
+            (detected["depth"], detected["depth_single_blocks"]) != (depth, single):
+        raise RuntimeError(f"ComfyUI would not load this as Flux with {depth}+{single} blocks: {detected}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(state_dict, str(path))
+    return path
+
+
+def build_flux_vae(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random-weight Flux VAE (ComfyUI's AutoencoderKL with 16 latent channels), as VAELoader reads it."""
+    import_comfyui()
+    import comfy.utils
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=dict(_KL_VAE_CONFIG, z_channels=16), embed_dim=16)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(_random_state_dict(vae, seed, FIXED_PART_DTYPE), str(path))
+    return path
+
+
+def build_lora(kind: str, path: str | os.PathLike, seed: int = 0, rank: int = 4) -> Path:
+    """A random rank-``rank`` LoRA (kohya key names, as LoraLoader reads them) on every attention
+    projection of the UNet of ``kind``; strong enough to change what the UNet draws."""
+    import_comfyui()
+    import comfy.utils
+
+    model = _model_config(KINDS[kind]).get_model({}, device="meta")
+    tensors = {}
+    for name, weight in model.diffusion_model.state_dict().items():
+        if not (name.endswith(".weight") and weight.ndim == 2 and (".attn1." in name or ".attn2." in name)):
+            continue
+        key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+        out_features, in_features = weight.shape
+        generator = torch.Generator().manual_seed(_tensor_seed(seed, key))
+        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * in_features ** -0.5
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * rank ** -0.5
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(tensors, str(path))
+    return path
+
+
+def build_photomaker(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random-weight PhotoMaker ID encoder (ComfyUI's own ``PhotoMakerIDEncoder``: CLIP ViT-L/14
+    vision tower, second projection, fuse module), as PhotoMakerLoader reads it; fp16, about 0.6 GB."""
+    import sys
+
+    env = import_comfyui()
+    import comfy.utils
+
+    loader = env.NODE_CLASS_MAPPINGS["PhotoMakerLoader"]
+    encoder = sys.modules[loader.__module__].PhotoMakerIDEncoder()  # parameters allocated, never written
+    state_dict = _random_state_dict(encoder, seed, FIXED_PART_DTYPE)
+    del encoder
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(state_dict, str(path))
+    return path
+
+
+def photomaker_file(session_dir: Path) -> str:
+    """The session's random PhotoMaker model, built on first use and registered with ComfyUI."""
+    import folder_paths
+
+    folder = Path(session_dir) / "photomaker"
+    path = folder / "random_photomaker.safetensors"
+    if not path.exists():
+        build_photomaker(path)
+    folder_paths.add_model_folder_path("photomaker", str(folder), is_default=True)
+    return path.name
