@@ -8,10 +8,9 @@ from comfy_api.latest import io
 
 from ..attention import ConsistentAttentionError
 from .character_files import SavedCharacter, load_character, save_character, saved_character_files
-from .nodes_story import StoryType, encode
+from .nodes_story import CATEGORY, StoryType, encode
 from .references import CharacterReference
 
-CATEGORY = "consistent_story"
 SIZE_TOOLTIP = ("The story's panel size in pixels (its Empty Latent Image): each image is scaled to cover it and "
                 "centre-cropped, so images of another size or shape work.")
 

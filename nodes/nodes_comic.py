@@ -2,6 +2,7 @@
 from comfy_api.latest import io
 
 from .comic_layout import CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, compose_pages
+from .nodes_story import CATEGORY
 
 
 class ComicPage(io.ComfyNode):
@@ -10,7 +11,7 @@ class ComicPage(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentStoryComicPage",
             display_name="Comic Page",
-            category="consistent_story",
+            category=CATEGORY,
             description=(
                 "Lays story panels out on comic pages with a caption under each captioned panel. "
                 "Panels are centre-cropped to fill their cells; the page height follows from the layout "

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..attention import MAX_IDENTITY_PANELS, ConsistentAttentionError, CSAConfig, parse_block_list
 from .csa_patch import ConsistentAttentionPatch
 from .dit_patch import KEY_POSITIONS, DiTAttentionPatch, is_flux
-from .nodes_story import StoryType
+from .nodes_story import CATEGORY, StoryType
 
 DEFAULT_IDENTITY_PANELS = 2  # the official app's default id_length
 
@@ -19,7 +19,7 @@ class ConsistentSelfAttention(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentStorySelfAttention",
             display_name="Consistent Self-Attention",
-            category="consistent_story",
+            category=CATEGORY,
             description=(
                 "StoryDiffusion's Consistent Self-Attention: the panels of one batch share identity. In each "
                 "self-attention layer a panel also attends to tokens sampled from the other panels of the batch "

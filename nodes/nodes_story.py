@@ -17,6 +17,7 @@ from .story_prompts import DEFAULT_STYLE, EXAMPLE_STORY, STYLE_NAMES, parse_stor
 
 # The parsed story_prompts.Story, for nodes that need the characters of each panel (reference bank).
 StoryType = io.Custom("CONSISTENT_STORY")
+CATEGORY = "Consistent Story"  # where every node of the pack sits in the node library
 
 # Most times a row is repeated to reach the common token length (see repeat_tokens).
 MAX_TOKEN_REPEATS = 12
@@ -128,7 +129,7 @@ class StoryPrompts(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentStoryPrompts",
             display_name="Story Prompts",
-            category="consistent_story",
+            category=CATEGORY,
             description=(
                 "Writes a whole story in one box: '[Name] description' lines define characters, every other line "
                 "is a panel ('[Name]' is replaced by the description, '[NC]' = no character, text after '#' is the "

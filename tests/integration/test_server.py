@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.server]
 
 PACK_PYTHON_MODULE = f"custom_nodes.{PACK_LINK_NAME}"
-CATEGORY = "consistent_story"
+CATEGORY = "Consistent Story"  # a readable node-library category
 
 
 @pytest.fixture(scope="module")
