@@ -187,6 +187,11 @@ def layout_pages(options: LayoutOptions, panel_count: int, panel_aspect: float, 
     rows = max(len(page) for page in counts)
     height = 2 * options.margin + rows * row_h + (rows - 1) * options.gutter
     if height > MAX_PAGE_SIDE:
+        if caption_band > image_h:  # the captions, not the panels, make the page too tall
+            raise ValueError(
+                f"A page would be {height} px tall (at most {MAX_PAGE_SIDE}): its captions take {caption_band} px "
+                f"per row, more than the panels ({image_h} px). Lower caption_font_size, or shorten the captions."
+            )
         raise ValueError(
             f"A page would be {height} px tall (at most {MAX_PAGE_SIDE}): set panels_per_page to split the "
             f"story over several pages, or lower page_width."

@@ -1,7 +1,9 @@
 """Comic Page node: lays a story's panels and their captions out on comic pages."""
 from comfy_api.latest import io
 
-from .comic_layout import CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, compose_pages
+from .comic_layout import (
+    CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, check_width_fits, compose_pages, parse_color,
+)
 from .nodes_story import CATEGORY
 
 
@@ -84,6 +86,24 @@ class ComicPage(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="pages", tooltip="The comic pages, all the same size.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, layout=None, columns=None, seed=0, reading_order=None, page_width=None,
+                        panels_per_page=0, gutter=None, margin=None, caption_font_size=0, background_color=None,
+                        **linked):
+        """Before anything is sampled: the page settings that are widgets (a linked input arrives as
+        None and is checked when the node runs)."""
+        try:
+            if background_color is not None:
+                parse_color(background_color)
+            if caption_font_size is not None and caption_font_size < 0:
+                raise ValueError(f"caption_font_size is {caption_font_size}: use 0 for automatic or a size in pixels.")
+            values = (layout, columns, seed, reading_order, page_width, panels_per_page, gutter, margin)
+            if all(value is not None for value in values):
+                check_width_fits(LayoutOptions(*values))
+        except ValueError as error:
+            return str(error)
+        return True
 
     @classmethod
     def execute(

@@ -28,7 +28,7 @@ def random_panels(count=5):
 def test_schema_is_documented(comfy, comic_page):
     assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[NODE] == "Comic Page"
     info = comic_page.GET_NODE_INFO_V1()
-    assert info["category"] == "consistent_story" and info["description"]
+    assert info["category"] == "Consistent Story" and info["description"]
     inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
     assert set(inputs) == {"images", "captions", *SETTINGS}
     assert all(spec[1].get("tooltip") for spec in inputs.values())
@@ -68,14 +68,14 @@ def test_bad_input_names_what_to_change(comic_page, changes, captions, names):
     assert all(name in str(error.value) for name in names)
 
 
-def comic_graph(background_color="#FFFFFF"):
+def comic_graph(**settings):
     from comfy_execution.graph_utils import GraphBuilder
 
     g = GraphBuilder(prefix="")
     images = g.node("EmptyImage", width=64, height=48, batch_size=6, color=0x3366CC)
     captions = g.node("PrimitiveStringMultiline", value="One\nTwo\n\nFour\n")
     page = g.node("ConsistentStoryComicPage", images=images.out(0), captions=captions.out(0),
-                  **{**SETTINGS, "layout": "four-panel strip", "background_color": background_color})
+                  **{**SETTINGS, "layout": "four-panel strip", **settings})
     g.node("PreviewImage", images=page.out(0))
     return g.finalize(), page.id
 
@@ -86,9 +86,26 @@ def test_graph_with_wired_captions_runs_in_comfyui(graph_runner):
     assert pages.shape[0] == 2 and pages.shape[2:] == (256, 3)
 
 
-def test_graph_reports_bad_colour(graph_runner):
+@pytest.mark.parametrize("settings,message", [
+    ({"background_color": "#12"}, "background_color '#12' is not a hex colour"),
+    ({"page_width": 100, "margin": 40}, "The page does not fit"),
+    ({"caption_font_size": -1}, "caption_font_size is -1"),
+])
+def test_bad_page_settings_are_refused_before_anything_runs(graph_runner, settings, message):
+    """ComfyUI's validation (the node's validate_inputs) names the input, before sampling would start."""
     from harness.runner import GraphError
 
-    prompt, _ = comic_graph(background_color="#12")
-    with pytest.raises(GraphError, match="background_color"):
+    prompt, _ = comic_graph(**settings)
+    with pytest.raises(GraphError, match=message) as raised:
         graph_runner(prompt)
+    assert raised.value.stage == "validation"
+
+
+def test_captions_too_large_for_the_page_name_the_font_size():
+    from harness.pack import load_pack
+
+    load_pack()
+    from consistent_story.nodes.comic_layout import LayoutOptions, layout_pages
+
+    with pytest.raises(ValueError, match="Lower caption_font_size"):
+        layout_pages(LayoutOptions(page_width=512, columns=1), 40, 1.0, caption_band=2000)
