@@ -39,6 +39,17 @@ class ServerError(RuntimeError):
     """The server died, did not start in time, failed to import the pack, or a prompt failed."""
 
 
+def _die_with_parent() -> None:
+    """Runs in the server's child process before exec: the kernel kills it when the test
+    process dies, even by SIGKILL or the OOM killer, so no server outlives a killed run
+    (Linux prctl PR_SET_PDEATHSIG; elsewhere only the normal ``stop()`` applies)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -82,6 +93,7 @@ class ComfyServer:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.comfy_dir, env=env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )  # fmt: skip
         try:
             self._wait_until_ready(began + START_TIMEOUT_S)

@@ -4,6 +4,11 @@ Expected node ids come from the pack itself (its extension's ``get_node_list``);
 ``/object_info`` is what the frontend shows.
 """
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +67,45 @@ def test_pack_nodes_show_category_description_and_tooltips(pack_node_ids, object
         if not doc.is_file() or not doc.read_text(encoding="utf-8").startswith("# "):
             problems.append(f"{node_id}: no web/docs/{node_id}.md")
     assert problems == []
+
+
+def test_a_killed_test_run_takes_its_server_with_it(comfy, tmp_path):
+    """A test process killed outright (SIGKILL, OOM killer) cannot stop its servers itself:
+    the kernel must (parent-death signal), or each orphan keeps about 1 GB."""
+    starter = (
+        "import sys; sys.path[:0] = sys.argv[1:3]\n"
+        "from pathlib import Path\n"
+        "import comfy_host\n"
+        "from harness.server import ComfyServer\n"
+        "server = ComfyServer(comfy_host.find_comfyui(), Path(sys.argv[3])).start()\n"
+        "print(server.process.pid, flush=True)\n"
+        "import time; time.sleep(600)\n"
+    )
+    tests_dir, scripts_dir = REPO_ROOT / "tests", REPO_ROOT / "scripts"
+    test_run = subprocess.Popen(
+        [sys.executable, "-c", starter, str(tests_dir), str(scripts_dir), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        server_pid = int(test_run.stdout.readline())
+        assert _alive(server_pid)
+        test_run.send_signal(signal.SIGKILL)
+        test_run.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server_pid), f"server {server_pid} outlived its killed test process"
+    finally:
+        test_run.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # not our child: raises; reaped zombies read as gone below
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
