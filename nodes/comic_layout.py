@@ -229,8 +229,12 @@ def parse_captions(text: str, panel_count: int) -> list[str]:
         lines.pop()
     if len(lines) > panel_count:
         raise ValueError(
-            f"captions has {len(lines)} lines but images has only {panel_count} panels: give at most one "
-            f"caption line per panel (an empty line for a panel without caption), or add images."
+            f"captions has {len(lines)} lines but images has only {panel_count} panels. If the captions "
+            f"come from Story Prompts, the story has {len(lines)} panels and the sampler made "
+            f"{panel_count} images: connect Story Prompts' panel_count to the latent's batch_size "
+            f"(EmptyLatentImage), or add Consistent Self-Attention, which stops such a run before "
+            f"sampling. Typed captions: give at most one line per panel (an empty line for a panel "
+            f"without caption)."
         )
     return lines + [""] * (panel_count - len(lines))
 
