@@ -14,12 +14,17 @@ noise, not a comic: the run then only shows that the whole graph works.
 
 On a CPU, or with random weights, the panels are made small and few steps are taken unless
 --full is given; the script says so.
+
+--story FILE replaces the workflow's story with the text of FILE (Story Prompts' syntax); the
+latent batch follows the new panel count through the workflow's panel_count link. A story or
+graph that ComfyUI or the pack refuses ends the run with the node's message and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import struct
 import sys
 import tempfile
@@ -33,7 +38,8 @@ for path in (REPO_ROOT / "tests", REPO_ROOT / "scripts"):
         sys.path.insert(0, str(path))
 
 DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "comic_sd15.json"
-RANDOM_CHECKPOINT_DIR = Path("~/.cache/consistent-story/checkpoints").expanduser()
+# Where random-weight stand-ins are built once; $CONSISTENT_STORY_CACHE moves it (tests share theirs).
+RANDOM_CHECKPOINT_DIR = Path(os.environ.get("CONSISTENT_STORY_CACHE", "~/.cache/consistent-story")).expanduser() / "checkpoints"
 
 
 class Family(NamedTuple):
@@ -47,6 +53,7 @@ FAMILIES = {
     "sdxl": Family("SDXL", {"SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"}, "vega_small"),
 }
 QUICK_SIZE, QUICK_STEPS = 128, 4
+STORY_PROMPTS = "ConsistentStoryPrompts"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="checkpoint file name in ComfyUI's checkpoint folders (default: the workflow's if present, "
         "else the first of its family, else random weights)",
     )
-    parser.add_argument("--family", choices=sorted(FAMILIES), help="model family of the workflow (default: from its file name)")
+    parser.add_argument("--story", type=Path, help="a text file with your story (Story Prompts' syntax) instead of the workflow's")
+    parser.add_argument(
+        "--family", choices=sorted(FAMILIES),
+        help="model family of the workflow (default: its checkpoint's, when installed, else from the latent size it samples at)",
+    )  # fmt: skip
     parser.add_argument("--full", action="store_true", help="keep the workflow's size and steps even on a CPU")
     parser.add_argument("--size", type=int, default=QUICK_SIZE, help="panel size of a quick run (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=QUICK_STEPS, help="sampling steps of a quick run (default: %(default)s)")
@@ -90,6 +101,8 @@ def start_comfyui(session_dir: Path, output: Path | None, verbose: bool):
     env = import_comfyui(session_dir, cpu=cpu)
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_from_executor)
     import folder_paths
 
     _load_extra_model_paths(env.comfy_dir)
@@ -97,6 +110,12 @@ def start_comfyui(session_dir: Path, output: Path | None, verbose: bool):
     output.mkdir(parents=True, exist_ok=True)
     folder_paths.set_output_directory(str(output))
     return env, cpu
+
+
+def _not_from_executor(record: logging.LogRecord) -> bool:
+    """ComfyUI's executor logs a failing node's traceback; the run reports the node's message
+    itself (the traceback with --verbose)."""
+    return Path(record.pathname).name != "execution.py"
 
 
 def _load_extra_model_paths(comfy_dir: Path) -> None:
@@ -167,8 +186,46 @@ def random_checkpoint(kind: str) -> str:
     return path.name
 
 
-def family_of(workflow_path: Path) -> str:
-    return "sdxl" if "sdxl" in workflow_path.stem.lower() else "sd15"
+# SDXL-family models are trained at about one megapixel, SD1.5 at a quarter of that.
+SDXL_LEAST_PIXELS = 768 * 768
+
+
+def family_of(prompt: dict, wanted: str) -> str:
+    """The family a workflow is made for, from its graph: the class ComfyUI detects in the
+    workflow's own checkpoint when it is installed, else the latent size it samples at."""
+    import folder_paths
+    from harness.workflow import nodes_of_type
+
+    if wanted in folder_paths.get_filename_list("checkpoints"):
+        detected = model_class(Path(folder_paths.get_full_path("checkpoints", wanted)))
+        for name, family in FAMILIES.items():
+            if detected in family.model_classes:
+                return name
+        raise RunError(
+            f"The workflow's checkpoint {wanted} is a {detected or 'model ComfyUI does not detect'}; the main job "
+            f"runs {' and '.join(f.label for f in FAMILIES.values())} checkpoints. Open the workflow in ComfyUI instead."
+        )
+    latents = [node["inputs"] for node in nodes_of_type(prompt, "EmptyLatentImage").values()]
+    sizes = [(i["width"], i["height"]) for i in latents if not isinstance(i["width"], list) and not isinstance(i["height"], list)]
+    if not sizes:
+        raise RunError("The workflow has no Empty Latent Image with a typed size: pass --family sd15 or --family sdxl.")
+    return "sdxl" if max(w * h for w, h in sizes) >= SDXL_LEAST_PIXELS else "sd15"
+
+
+def checkpoint_of(prompt: dict, workflow_path: Path) -> str:
+    from harness.workflow import nodes_of_type
+
+    loaders = nodes_of_type(prompt, "CheckpointLoaderSimple")
+    if not loaders:
+        raise RunError(
+            f"{workflow_path.name} loads no checkpoint (Load Checkpoint): the main job runs checkpoint "
+            "workflows (SD1.5 or SDXL family). Open this one in ComfyUI with your model files."
+        )
+    return next(iter(loaders.values()))["inputs"]["ckpt_name"]
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to change (printed without a traceback)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,18 +233,40 @@ def family_of(workflow_path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except RunError as error:
+        print(f"[run_example] {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def read_story(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunError(f"--story {path}: cannot read it as UTF-8 text ({error}).") from None
+    if not text.strip():
+        raise RunError(f"--story {path} is empty: write one panel per line (Story Prompts' syntax).")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
     began = time.monotonic()
+    story = read_story(args.story) if args.story else None
     with tempfile.TemporaryDirectory(prefix="consistent_story_run_") as session:
         env, cpu = start_comfyui(Path(session), args.output, args.verbose)
         say(f"ComfyUI {env.comfy_dir} loaded on {'CPU' if cpu else 'GPU'} in {time.monotonic() - began:.1f} s")
 
-        from harness.runner import run_prompt
+        from harness.runner import GraphError, run_prompt
         from harness.workflow import load_workflow, node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, workflow_node_types
 
         workflow = load_workflow(args.workflow)
         prompt = ui_to_api(workflow, node_definitions(env.NODE_CLASS_MAPPINGS, workflow_node_types(workflow)))
-        wanted = next(iter(nodes_of_type(prompt, "CheckpointLoaderSimple").values()))["inputs"]["ckpt_name"]
-        family = args.family or family_of(args.workflow)
+        if story is not None:
+            set_widgets(prompt, STORY_PROMPTS, story=story)
+            say(f"story from {args.story}")
+        wanted = checkpoint_of(prompt, args.workflow)
+        family = args.family or family_of(prompt, wanted)
         ckpt_name, random_weights = choose_checkpoint(wanted, family, args.checkpoint)
         set_widgets(prompt, "CheckpointLoaderSimple", ckpt_name=ckpt_name)
         say(f"workflow {args.workflow.name}, checkpoint {ckpt_name}")
@@ -209,13 +288,27 @@ def main(argv=None) -> int:
 
         started = time.monotonic()
         # As the frontend does: the saved page carries the workflow, so dropping it on ComfyUI opens it.
-        result = run_prompt(prompt, {"extra_pnginfo": {"workflow": workflow}})
+        try:
+            result = run_prompt(prompt, {"extra_pnginfo": {"workflow": workflow}})
+        except GraphError as error:
+            raise RunError(graph_error_message(error, args.verbose)) from None
         say(f"workflow executed in {time.monotonic() - started:.1f} s (total {time.monotonic() - began:.1f} s)")
         save_id = next(iter(nodes_of_type(prompt, "SaveImage")))
         pages = result.image_paths(save_id)
         for page in pages:
             print(f"Comic page: {page}")
     return 0 if pages else 1
+
+
+def graph_error_message(error, verbose: bool) -> str:
+    """ComfyUI's refusal as one message: the node and what it said (the traceback with --verbose)."""
+    data = error.details
+    if error.stage != "execution" or "exception_message" not in data:
+        return str(error)
+    message = f"{data['node_type']} (node {data['node_id']}): {data['exception_message'].strip()}"
+    if verbose:
+        message += "\n" + "".join(data.get("traceback", []))
+    return message
 
 
 if __name__ == "__main__":
