@@ -5,6 +5,10 @@
 // The rule mirrors nodes/story_prompts.py: a line is a character definition when it starts with
 // the only tag on the line, names a character not defined before, is not [NC] and has no '#'.
 // The Python parser stays the authority: it raises the real errors when the prompt runs.
+// It also warns when the sampler fed by the story's positive prompts takes a latent whose typed
+// batch_size differs from the panel count: ComfyUI would silently sample only part of the story
+// (or repeat prompts), and without Consistent Self-Attention nothing else in the pack sees the
+// latent before sampling.
 import { app } from "../../scripts/app.js";
 
 const NODE_ID = "ConsistentStoryPrompts";
@@ -35,11 +39,72 @@ export function countStory(text) {
   return { panels, characters: defined.size, lonely };
 }
 
-function badgeText({ panels, characters, lonely }) {
+// Conditioning may pass through a few nodes (area, combine, ControlNet) before the sampler.
+const MAX_HOPS = 4;
+
+function linkedNode(graph, linkId) {
+  const link = graph.getLink?.(linkId) ?? graph.links?.[linkId];
+  return link ? graph.getNodeById(link.origin_id) : null;
+}
+
+function targetNodes(graph, node) {
+  const targets = [];
+  for (const output of node.outputs ?? []) {
+    if (output.type !== "CONDITIONING") continue;
+    for (const linkId of output.links ?? []) {
+      const link = graph.getLink?.(linkId) ?? graph.links?.[linkId];
+      const target = link && graph.getNodeById(link.target_id);
+      if (target) targets.push(target);
+    }
+  }
+  return targets;
+}
+
+// The typed batch_size of the latent a sampler takes (through nodes with one LATENT input),
+// or null when it is wired from elsewhere (e.g. from panel_count) or cannot be read.
+function typedLatentBatch(graph, sampler) {
+  let node = sampler;
+  for (let hop = 0; hop <= MAX_HOPS && node; hop += 1) {
+    const input = node.inputs?.find((i) => i.type === "LATENT" && i.link != null);
+    if (!input) return null;
+    node = linkedNode(graph, input.link);
+    if (!node) return null;
+    if (node.inputs?.some((i) => i.name === "batch_size" && i.link != null)) return null;
+    const widget = node.widgets?.find((w) => w.name === "batch_size");
+    if (widget) return Number(widget.value);
+  }
+  return null;
+}
+
+export function latentBatches(storyNode) {
+  const graph = storyNode.graph;
+  if (!graph) return [];
+  const batches = new Set();
+  let frontier = [storyNode];
+  for (let hop = 0; hop < MAX_HOPS && frontier.length; hop += 1) {
+    const next = [];
+    for (const node of frontier) {
+      for (const target of targetNodes(graph, node)) {
+        const isSampler = target.inputs?.some((i) => i.name === "latent_image");
+        const batch = isSampler ? typedLatentBatch(graph, target) : null;
+        if (batch != null) batches.add(batch);
+        if (!isSampler) next.push(target);
+      }
+    }
+    frontier = next;
+  }
+  return [...batches];
+}
+
+function badgeText({ panels, characters, lonely }, batches) {
   const p = `${panels} panel${panels === 1 ? "" : "s"}`;
   const c = `${characters} character${characters === 1 ? "" : "s"}`;
-  const warning = lonely.length ? ` · ${lonely.map((n) => `[${n}]`).join(", ")} never alone` : "";
-  return `${p} · ${c}${warning}`;
+  const warnings = [];
+  if (lonely.length) warnings.push(`${lonely.map((n) => `[${n}]`).join(", ")} never alone`);
+  for (const batch of batches) {
+    if (batch !== panels) warnings.push(`latent batch_size ${batch} ≠ ${panels} panels: connect panel_count`);
+  }
+  return [`${p} · ${c}`, ...warnings].join(" · ");
 }
 
 app.registerExtension({
@@ -53,10 +118,12 @@ app.registerExtension({
       const story = this.widgets?.find((w) => w.name === "story");
       if (!story) return;
       const counts = countStory(story.value);
-      const text = badgeText(counts);
+      const batches = latentBatches(this);
+      const text = badgeText(counts, batches);
+      const warn = counts.lonely.length || batches.some((b) => b !== counts.panels);
       ctx.save();
       ctx.font = "12px sans-serif";
-      ctx.fillStyle = counts.lonely.length ? "#e96" : "#9ad";
+      ctx.fillStyle = warn ? "#e96" : "#9ad";
       ctx.textAlign = "right";
       ctx.fillText(text, this.size[0] - 8, -8);
       ctx.restore();
