@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import comfy.utils
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..attention import ConsistentAttentionError
 from .character_files import SavedCharacter, load_character, save_character, saved_character_files

@@ -1,5 +1,5 @@
 """Comic Page node: lays a story's panels and their captions out on comic pages."""
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from .comic_layout import (
     CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, check_width_fits, compose_pages, parse_color,

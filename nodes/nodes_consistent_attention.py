@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..attention import MAX_IDENTITY_PANELS, ConsistentAttentionError, CSAConfig, parse_block_list
 from .csa_patch import ConsistentAttentionPatch

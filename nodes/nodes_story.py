@@ -11,7 +11,7 @@ import math
 
 import comfy.utils
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from .story_prompts import DEFAULT_STYLE, EXAMPLE_STORY, STYLE_NAMES, parse_story
 
