@@ -29,31 +29,31 @@ ANN = ("person", (30, 30, 30), (240, 200, 40))
 NIA = ("person", (200, 200, 210), (50, 90, 170))
 
 THUMBNAILS = {
-    "comic_sd15": ("Consistent Story - SD1.5", "7 panels, two characters and a street: classic page", [2, 3, 2], [
+    "Comic page (SD1.5)": ("Consistent Story - SD1.5", "7 panels, two characters and a street: classic page", [2, 3, 2], [
         ([MIA], "A rainy Tuesday."), ([KIT], "Someone was waiting."), ([MIA], "Oh! Hello there."),
         ([MIA, KIT], "Coming with me."), ([KIT], "Safe and dry."), ([], "The storm passed."),
         ([MIA, KIT], "Best friends."),
     ]),
-    "story_two_characters_sdxl": ("Two characters - SDXL", "each panel reads only the characters it shows", [3, 3], [
+    "Two characters (SDXL)": ("Two characters - SDXL", "each panel reads only the characters it shows", [3, 3], [
         ([BOB], "Always early."), ([ALICE], "Never early."), ([BOB], "Ten minutes late."),
         ([ALICE], "Made it!"), ([], "The long way north."), ([BOB, ALICE], "Same as ever."),
     ]),
-    "character_from_image_sd15": ("Your own character - SD1.5", "Mia drawn from one picture of her", [3, 3], [
+    "Character from your image (SD1.5)": ("Your own character - SD1.5", "Mia drawn from one picture of her", [3, 3], [
         ([MIA], "A rainy Tuesday."), ([KIT], "Someone was waiting."), ([MIA, KIT], "Coming with me."),
         ([KIT], "Safe and dry."), ([], "The storm passed."), ([MIA, KIT], "Best friends."),
     ]),
-    "lora_story_sdxl": ("A character LoRA - SDXL", "a DreamBooth LoRA + Consistent Self-Attention", [2, 2], [
+    "Character LoRA (SDXL)": ("A character LoRA - SDXL", "a DreamBooth LoRA + Consistent Self-Attention", [2, 2], [
         ([TOBY], "Winter again."), ([TOBY], "Wheee!"), ([], "Everyone was asleep."), ([TOBY], "Best part of winter."),
     ]),
-    "photomaker_story_sdxl": ("PhotoMaker story - SDXL", "a face from a photo, a consistent look", [2, 2], [
+    "PhotoMaker face (SDXL)": ("PhotoMaker story - SDXL", "a face from a photo, a consistent look", [2, 2], [
         ([ANN], "Her first night."), ([ANN], "Better than the guide."), ([], "The city never sleeps."),
         ([ANN], "A new friend."),
     ]),
-    "comic_flux": ("Consistent Story - Flux", "image tokens shared in the single-stream blocks", [2, 2], [
+    "Comic page (Flux)": ("Consistent Story - Flux", "image tokens shared in the single-stream blocks", [2, 2], [
         ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
         ([NIA], "Nothing but sky."),
     ]),
-    "long_story_sd15": ("A long story - SD1.5", "24 panels in one sampler, 4 per model call", [4, 4, 4], [
+    "Long story of 24 panels (SD1.5)": ("A long story - SD1.5", "24 panels in one sampler, 4 per model call", [4, 4, 4], [
         ([TOM], ""), ([REX], ""), ([TOM, REX], ""), ([], ""), ([TOM], ""), ([TOM, REX], ""),
         ([REX], ""), ([], ""), ([TOM, REX], ""), ([TOM], ""), ([REX], ""), ([TOM, REX], ""),
     ]),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up the environment (scripts/setup.sh) and run the example comic workflow headless.
 #
-#   bash scripts/run_example.sh                          # workflows/comic_sd15.json
-#   bash scripts/run_example.sh --workflow workflows/comic_sdxl.json --full
+#   bash scripts/run_example.sh                  # "workflows/Comic page (SD1.5).json"
+#   bash scripts/run_example.sh --workflow "workflows/Four-panel strip (SDXL).json" --full
 #
 # Arguments go to scripts/run_example.py (see --help); its last line is the saved page's path.
 set -euo pipefail

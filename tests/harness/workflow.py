@@ -22,6 +22,7 @@ workflow files themselves are what the tests and the main job run:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -35,6 +36,25 @@ FRONTEND_ONLY = {"Note", "MarkdownNote", REROUTE, PRIMITIVE}
 COMIC_PAGE = "ConsistentStoryComicPage"
 CHARACTER_FROM_IMAGE = "ConsistentStoryCharacterFromImage"
 COMIC_PAGE_LENGTHS = {"page_width": 64, "gutter": 1, "margin": 1, "caption_font_size": 8}  # pixels, and their least
+WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
+# The shipped workflows are named by their titles: ComfyUI's template browser shows a custom
+# node's template under its file name (no other metadata), with the .jpg of the same name.
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+
+
+def workflow_id(path: Path | str) -> str:
+    """A shipped workflow's short id, for test ids, ``-k`` filters and file names:
+    "Comic page (SD1.5).json" -> "comic_page_sd1_5"."""
+    title = Path(path).name.removesuffix(".json")  # not .stem: "(SD1.5)" holds a dot
+    return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+
+
+def by_workflow(paths: Iterable[Path]):
+    """``pytest.mark.parametrize`` over workflow files, each test id its ``workflow_id``."""
+    import pytest
+
+    paths = list(paths)
+    return pytest.mark.parametrize("path", paths, ids=[workflow_id(path) for path in paths])
 
 
 class WorkflowError(ValueError):

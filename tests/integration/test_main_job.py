@@ -59,6 +59,6 @@ def test_a_story_error_is_one_clean_message(main_job, tmp_path):
 
 
 def test_a_workflow_without_a_checkpoint_is_refused_by_name(main_job):
-    done = main_job("--workflow", str(REPO_ROOT / "workflows" / "comic_flux.json"))
+    done = main_job("--workflow", str(REPO_ROOT / "workflows" / "Comic page (Flux).json"))
     assert done.returncode == 2
-    assert "comic_flux.json loads no checkpoint" in done.stderr and "Traceback" not in done.stderr
+    assert "Comic page (Flux).json loads no checkpoint" in done.stderr and "Traceback" not in done.stderr

@@ -15,26 +15,23 @@ import torch
 from PIL import Image
 
 from harness.workflow import (
-    BYPASSED, MUTED, WorkflowError, load_workflow, node_definitions, nodes_of_type, set_widgets, shrink,
-    ui_to_api, widget_inputs, workflow_node_types,
+    BYPASSED, MUTED, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow, node_definitions,
+    nodes_of_type, set_widgets, shrink, ui_to_api, widget_inputs, workflow_id, workflow_node_types,
 )
 
 pytestmark = pytest.mark.integration
 
-WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
-WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 # The CPU test checkpoint standing in for each workflow's model family.
-TEST_CHECKPOINT = {"comic_sd15": "sd15_small", "comic_sdxl": "vega_small", "long_story_sd15": "sd15_small",
-                   "story_two_characters_sdxl": "vega_small", "character_from_image_sd15": "sd15_small",
-                   "lora_story_sdxl": "vega_small", "photomaker_story_sdxl": "vega_small", "comic_flux": "flux"}
+TEST_CHECKPOINT = {"comic_page_sd1_5": "sd15_small", "four_panel_strip_sdxl": "vega_small",
+                   "long_story_of_24_panels_sd1_5": "sd15_small", "two_characters_sdxl": "vega_small",
+                   "character_from_your_image_sd1_5": "sd15_small", "character_lora_sdxl": "vega_small",
+                   "photomaker_face_sdxl": "vega_small", "comic_page_flux": "flux"}
 TEXT_ENCODER_STAND_IN = "ConsistentStoryTestFluxTextEncoder"  # registered by the flux_text fixture below
 SIZE, STEPS = 64, 2
 THUMBNAIL_MAX_BYTES = 60_000
 MODEL_FILE_WIDGETS = {"ckpt_name"}
 
 
-def by_name(paths):
-    return pytest.mark.parametrize("path", paths, ids=[path.stem for path in paths])
 
 
 def one(prompt: dict, class_type: str) -> tuple[str, dict]:
@@ -57,7 +54,7 @@ def definitions(comfy):
 @pytest.fixture()
 def sd15(definitions):
     """The shipped SD1.5 workflow and its conversion."""
-    workflow = load_workflow(WORKFLOW_DIR / "comic_sd15.json")
+    workflow = load_workflow(WORKFLOW_DIR / "Comic page (SD1.5).json")
     return workflow, ui_to_api(workflow, definitions)
 
 
@@ -66,11 +63,16 @@ def sd15(definitions):
 # ----------------------------------------------------------------------------------------------
 def test_workflows_exist_and_each_has_a_test_checkpoint():
     assert WORKFLOWS, f"no workflows in {WORKFLOW_DIR}"
-    missing = [path.stem for path in WORKFLOWS if path.stem not in TEST_CHECKPOINT]
+    # The template browser titles a custom node's template with its file name: a title, not a slug.
+    slugs = [path.name for path in WORKFLOWS if " " not in path.stem or not path.stem[0].isupper()]
+    assert slugs == [], "name workflows by their titles, e.g. 'Comic page (SD1.5).json'"
+    unthumbed = [path.name for path in WORKFLOWS if not path.with_suffix(".jpg").is_file()]
+    assert unthumbed == [], "each template needs its .jpg thumbnail"
+    missing = [path.name for path in WORKFLOWS if workflow_id(path) not in TEST_CHECKPOINT]
     assert not missing, f"add the test checkpoint kind of {missing} to TEST_CHECKPOINT"
 
 
-@by_name(WORKFLOWS)
+@by_workflow(WORKFLOWS)
 def test_workflow_has_a_small_jpeg_thumbnail(path):
     thumbnail = path.with_suffix(".jpg")
     assert thumbnail.is_file(), f"{thumbnail.name} missing: the template browser shows it next to {path.name}"
@@ -79,7 +81,7 @@ def test_workflow_has_a_small_jpeg_thumbnail(path):
         assert image.format == "JPEG" and 200 <= image.width <= 800 and 150 <= image.height <= 800
 
 
-@by_name(WORKFLOWS)
+@by_workflow(WORKFLOWS)
 def test_workflow_links_agree_with_node_slots(path):
     workflow = load_workflow(path)
     nodes = {node["id"]: node for node in workflow["nodes"]}
@@ -95,7 +97,7 @@ def test_workflow_links_agree_with_node_slots(path):
     assert sorted(used_in) == sorted(used_out) == sorted(link_ids)
 
 
-@by_name(WORKFLOWS)
+@by_workflow(WORKFLOWS)
 def test_every_workflow_feeds_its_story_to_consistent_self_attention(path):
     from harness.pack import load_pack
 
@@ -108,10 +110,10 @@ def test_every_workflow_feeds_its_story_to_consistent_self_attention(path):
     story = parse_story(prompts["widgets_values"][0], prompts["widgets_values"][1])
     identity = story.identity_panels(csa["widgets_values"][10])  # a character never alone would raise
     assert len(identity) == len(story.characters) >= 1
-    if path.stem == "story_two_characters_sdxl":
+    if workflow_id(path) == "two_characters_sdxl":
         assert [c.name for c in story.characters] == ["Bob", "Alice"]
         assert any(len(p.characters) == 2 for p in story.panels) and any(not p.characters for p in story.panels)
-    if path.stem == "long_story_sd15":
+    if workflow_id(path) == "long_story_of_24_panels_sd1_5":
         assert len(story.panels) >= 24 and len(story.characters) == 2
         assert len(nodes_of_type_ui(workflow, "KSampler")) == 1 and csa["widgets_values"][11] > 0
         assert ui_node(workflow, "ConsistentStoryComicPage")["widgets_values"][7] < len(story.panels), "several pages"
@@ -291,14 +293,14 @@ def provide_user_files(prompt: dict, kind: str, comfy) -> None:
         picture.save(Path(folder_paths.get_input_directory()) / node["inputs"]["image"])
 
 
-@by_name(WORKFLOWS)
+@by_workflow(WORKFLOWS)
 def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner, released_after, flux_text):
     workflow = load_workflow(path)
     types = workflow_node_types(workflow)
     absent = sorted(t for t in types if t not in comfy.NODE_CLASS_MAPPINGS)
     assert not absent, f"{path.name} uses node types this ComfyUI does not have: {absent}"
     prompt = ui_to_api(workflow, node_definitions(comfy.NODE_CLASS_MAPPINGS, types))
-    kind = TEST_CHECKPOINT[path.stem]
+    kind = TEST_CHECKPOINT[workflow_id(path)]
     if kind == "flux":
         provide_flux_files(prompt, comfy)
     else:
@@ -329,7 +331,7 @@ def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph
 
 
 def test_the_test_lora_patches_every_attention_projection(comfy, checkpoints, released_after):
-    """The random LoRA that stands in for the user's (lora_story_sdxl) is one ComfyUI applies fully."""
+    """The random LoRA that stands in for the user's (Character LoRA (SDXL)) is one ComfyUI applies fully."""
     import folder_paths
 
     from harness.model_files import build_lora
