@@ -1,0 +1,184 @@
+"""The pack in ComfyUI's real frontend: headless Chromium on a real ``main.py --cpu`` (conftest.py).
+
+As a user does it: every shipped workflow is opened from the template browser (sidebar
+Templates, the pack's folder, its card), with no missing-nodes dialog, every node type
+registered, no console error while it loads and none from the pack at all, and the Story
+Prompts badge counting what the pack's parser counts. One workflow is then made small in the
+page's own widgets (the test checkpoint, 32 px panels, one step: harness.workflow.shrink),
+queued with the Run button, and its comic page must appear in the Save node. A screenshot of
+each graph and of the result is saved (conftest.py says where).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from harness.browser import (
+    BADGE_JS, REDRAW_S, STORY_NODE, TEMPLATE_CARD, card_thumbnail_width, check_graph, fit_view, load_template, open_templates,
+)
+from harness.server import PACK_LINK_NAME
+from harness.workflow import (
+    COMIC_PAGE, WORKFLOW_DIR, WORKFLOWS, by_workflow, load_workflow, nodes_of_type, set_widgets, shrink, ui_to_api,
+    workflow_id,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.browser]
+
+QUEUED = "Comic page (SD1.5)"
+SIZE, STEPS = 32, 1  # small: this run is about the round trip through the page, not the pictures
+ZOOM = 0.95
+QUEUE_BUTTON = '[data-testid="queue-button"]'
+
+# Set widget values by node id and widget name; return those that changed.
+SET_WIDGETS_JS = """
+(values) => {
+  const changed = [];
+  for (const [id, inputs] of Object.entries(values)) {
+    const node = app.graph.getNodeById(Number(id));
+    for (const [name, value] of Object.entries(inputs)) {
+      const widget = node?.widgets?.find((w) => w.name === name);
+      if (!widget) throw new Error(`node ${id} has no widget ${name}`);
+      if (widget.value === value) continue;
+      widget.value = value;
+      widget.callback?.(value);
+      changed.push([id, name]);
+    }
+  }
+  app.graph.setDirtyCanvas(true, true);
+  return changed;
+}
+"""
+# The page received the node's output (the "executed" message of its own websocket).
+HAS_OUTPUT_JS = "(id) => (app.nodeOutputs[String(id)]?.images ?? []).length > 0"
+# The node shows its output: images loaded on the node (drawn on the canvas once it is in view).
+SHOWN_JS = """
+([id, filename]) => {
+  const imgs = app.graph.getNodeById(Number(id))?.imgs ?? [];
+  const ready = imgs.length && imgs.every((img) => img.complete && img.naturalWidth > 0);
+  if (!ready || !decodeURIComponent(imgs[0].src).includes(filename)) return null;
+  return imgs.map((img) => ({ src: img.src, width: img.naturalWidth, height: img.naturalHeight }));
+}
+"""
+
+
+def shoot(page, shots_dir: Path, name: str, browser_report: dict) -> Path:
+    picture = shots_dir / f"{name}.png"
+    page.screenshot(path=str(picture))
+    browser_report["shots"].append(picture)
+    return picture
+
+
+def test_template_browser_lists_every_workflow_with_its_thumbnail(frontend, comfy_server, shots_dir, browser_report):
+    page, console = frontend
+    names = sorted(path.stem for path in WORKFLOWS)
+    assert sorted(comfy_server.get_json("/workflow_templates")[PACK_LINK_NAME]) == names
+    since = console.mark()
+    cards = open_templates(page)
+    assert sorted(cards) == names
+    thumbnails = {name: card_thumbnail_width(page, name) for name in cards}
+    assert [name for name, width in thumbnails.items() if not width] == [], "thumbnails not shown"
+    # A custom node's card is titled with its file name: the workflows are named by their titles.
+    texts = {name: page.locator(TEMPLATE_CARD.format(name=name)).inner_text() for name in cards}
+    assert [name for name, text in texts.items() if name not in text] == [], texts
+    card_thumbnail_width(page, cards[0])  # back to the first row, its thumbnails shown
+    page.wait_for_timeout(REDRAW_S * 1000)
+    shoot(page, shots_dir, "template_browser", browser_report)
+    assert console.load_errors(since) == []
+
+
+def provide_input_pictures(workflow: dict, comfy_server) -> None:
+    """The picture each Load Image node names, in the server's input folder, as the user has it
+    (else the frontend's preview request is a 404 in the console)."""
+    for node in workflow["nodes"]:
+        picture = comfy_server.base / "input" / str((node.get("widgets_values") or [""])[0])
+        if node["type"] == "LoadImage" and not picture.exists():
+            Image.new("RGB", (SIZE, SIZE), "#9ad").save(picture)
+
+
+@by_workflow(WORKFLOWS)
+def test_workflow_opens_from_the_template_browser(path, frontend, comfy_server, shots_dir, browser_report):
+    page, console = frontend
+    workflow = load_workflow(path)
+    provide_input_pictures(workflow, comfy_server)
+    since = console.mark()
+    open_templates(page)
+    load_template(page, path.stem)
+    summary = check_graph(page, workflow, path.name, console, since, settle_s=0)  # load_template waited
+    assert summary["nodes"] == len(workflow["nodes"]) and summary["links"] == len(workflow["links"])
+    fit_view(page, ZOOM, settle_s=REDRAW_S)
+    shoot(page, shots_dir, workflow_id(path), browser_report)
+
+
+def small_prompt_values(workflow: dict, comfy_server, ckpt_name: str) -> tuple[dict, dict]:
+    """The workflow as the server would run it on the test checkpoint at ``SIZE`` px and ``STEPS``
+    steps, and its widget values by node id."""
+    prompt = ui_to_api(workflow, comfy_server.object_info())
+    set_widgets(prompt, "CheckpointLoaderSimple", ckpt_name=ckpt_name)
+    shrink(prompt, SIZE, STEPS)
+    values = {}
+    for node_id, node in prompt.items():
+        widgets = {name: value for name, value in node["inputs"].items() if not isinstance(value, list)}
+        values[node_id] = {name: v["__value__"] if isinstance(v, dict) else v for name, v in widgets.items()}
+    return prompt, values
+
+
+def test_queued_workflow_shows_its_page_in_the_save_node(frontend, comfy_server, server_checkpoint, shots_dir,
+                                                         browser_report):  # fmt: skip
+    page, console = frontend
+    workflow = load_workflow(WORKFLOW_DIR / f"{QUEUED}.json")
+    open_templates(page)
+    load_template(page, QUEUED)
+    prompt, values = small_prompt_values(workflow, comfy_server, server_checkpoint)
+    changed = {name for _, name in page.evaluate(SET_WIDGETS_JS, values)}
+    assert {"ckpt_name", "width", "height", "steps"} <= changed
+
+    since = console.mark()
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        page.locator(QUEUE_BUTTON).click()
+    reply = posted.value.json()
+    assert not reply.get("node_errors"), reply
+    entry = comfy_server.wait(reply["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+
+    (save_id, _), (_, page_node) = (next(iter(nodes_of_type(prompt, t).items())) for t in ("SaveImage", COMIC_PAGE))
+    saved = entry["outputs"][save_id]["images"]
+    assert len(saved) == 1, "one comic page"
+    page.wait_for_function(HAS_OUTPUT_JS, arg=save_id)
+    fit_view(page, 0.8, [int(save_id)], settle_s=REDRAW_S)
+    shown = page.wait_for_function(SHOWN_JS, arg=[save_id, saved[0]["filename"]]).json_value()
+    assert [image["width"] for image in shown] == [page_node["inputs"]["page_width"]]
+    shoot(page, shots_dir, f"queued_{workflow_id(QUEUED)}", browser_report)
+    assert console.pack_errors(since) == []
+
+
+# Cut the latent's batch_size from panel_count and type a batch instead, as a user might.
+TYPE_BATCH_JS = """
+(batch) => {
+  const latent = app.graph.nodes.find((n) => n.type === "EmptyLatentImage");
+  const slot = latent.inputs.findIndex((i) => i.name === "batch_size");
+  if (slot >= 0 && latent.inputs[slot].link != null) latent.disconnectInput(slot);
+  latent.widgets.find((w) => w.name === "batch_size").value = batch;
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+
+
+def test_badge_warns_when_the_latent_batch_is_not_the_panel_count(frontend):
+    """Without Consistent Self-Attention nothing of the pack runs before sampling: the editor is
+    where a latent batch that is not the story's panel count can be caught."""
+    page, console = frontend
+    open_templates(page)
+    load_template(page, QUEUED)
+
+    def badge() -> str:
+        return page.evaluate(BADGE_JS, STORY_NODE)["texts"][0]
+
+    panels = int(badge().split(" panels")[0])
+    assert "latent batch_size" not in badge()  # the shipped wiring: no warning
+    page.evaluate(TYPE_BATCH_JS, panels - 3)
+    assert f"latent batch_size {panels - 3} ≠ {panels} panels: connect panel_count" in badge()
+    page.evaluate(TYPE_BATCH_JS, panels)
+    assert "latent batch_size" not in badge()
+    assert console.pack_errors() == []
