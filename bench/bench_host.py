@@ -143,3 +143,14 @@ def environment(tiny: bool) -> dict:
     except ImportError:
         info["comfyui"] = "unknown"
     return info
+
+
+def render_results(args, report) -> int:
+    """``--render FILE``: write a saved results file's table into the doc (``report``: the
+    bench's report module, with ``update_doc`` and ``table_text``) without running anything."""
+    import json
+
+    results = json.loads(args.render.read_text())
+    report.update_doc(args.doc or Path("docs/performance.md"), results)
+    print(report.table_text(results))
+    return 0

@@ -328,10 +328,7 @@ def run_name(variant: str, panels: int, window: int) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
-        results = json.loads(args.render.read_text())
-        report.update_doc(args.doc or Path("docs/performance.md"), results)
-        print(report.table_text(results))
-        return 0
+        return bench_host.render_results(args, report)
     bench_host.import_comfy(find_comfyui(args.comfyui), cpu=args.tiny)
     import torch
 

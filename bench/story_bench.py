@@ -227,10 +227,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     if args.render:
-        results = json.loads(args.render.read_text())
-        story_report.update_doc(args.doc or Path("docs/performance.md"), results)
-        print(story_report.table_text(results))
-        return 0
+        return bench_host.render_results(args, story_report)
     bench_host.import_comfy(find_comfyui(args.comfyui), cpu=args.tiny)
     args.out.mkdir(parents=True, exist_ok=True)
     bench = StoryBench(args)

@@ -277,23 +277,31 @@ def test_vanilla_forward_agrees_across_hosts(hosts, family, record_property):
     assert max(errors) < TOLERANCE
 
 
+def sampled_on_both_hosts(h, config, label: str, record_property, cast=None):
+    """ComfyUI samples with CSA; diffusers replays each step's input with the same CSA; their
+    predictions must agree. Returns (ComfyUI's steps, diffusers' predictions, diffusers' state)."""
+    from consistent_story.attention.diffusers_processor import install_consistent_attention
+
+    comfy_steps = comfy_sample(h, config, cast)
+    state = install_consistent_attention(h.unet, config, cast=cast)
+    try:
+        ours = [diffusers_eps(h, x, sigma, state, step) for step, (x, sigma, _) in enumerate(comfy_steps)]
+    finally:
+        state.remove()
+    across = [relative_error(a, eps) for a, (_, _, eps) in zip(ours, comfy_steps)]
+    print(f"\n[{label}] diffusers vs ComfyUI, max relative error per step: {across}")
+    record_property("cross_host_relative_errors", across)
+    assert max(across) < TOLERANCE
+    return comfy_steps, ours, state
+
+
 @pytest.mark.parametrize("family,case", RUNS)
 def test_csa_agrees_across_hosts(hosts, family, case, record_property):
     from consistent_story.attention import Step, layer_active, layer_seed
-    from consistent_story.attention.diffusers_processor import install_consistent_attention
 
     h = hosts(family)
     config = csa(**CASES[case])
-    comfy_csa = comfy_sample(h, config)
-    state = install_consistent_attention(h.unet, config)
-    try:
-        ours = [diffusers_eps(h, x, sigma, state, step) for step, (x, sigma, _) in enumerate(comfy_csa)]
-    finally:
-        state.remove()
-    across = [relative_error(a, eps) for a, (_, _, eps) in zip(ours, comfy_csa)]
-    print(f"\n[{family}/{case}] diffusers vs ComfyUI, max relative error per step: {across}")
-    record_property("cross_host_relative_errors", across)
-    assert max(across) < TOLERANCE
+    comfy_csa, ours, state = sampled_on_both_hosts(h, config, f"{family}/{case}", record_property)
 
     # Against each host's vanilla forward, on the steps whose input is still the vanilla run's.
     checked = 0
@@ -318,21 +326,11 @@ def test_csa_agrees_across_hosts(hosts, family, case, record_property):
 def test_story_rules_agree_across_hosts(hosts, family, record_property):
     """Two characters, a two-character panel and an [NC] panel, in one UNet call on both hosts."""
     from consistent_story.attention import StoryCast
-    from consistent_story.attention.diffusers_processor import install_consistent_attention
 
     h = hosts(family)
     cast = StoryCast.from_panels(("Bob", "Alice"), ((0,), (1,), (0, 1), ()), 2)
     config = csa()
-    comfy_story = comfy_sample(h, config, cast)
-    state = install_consistent_attention(h.unet, config, cast=cast)
-    try:
-        ours = [diffusers_eps(h, x, sigma, state, step) for step, (x, sigma, _) in enumerate(comfy_story)]
-    finally:
-        state.remove()
-    across = [relative_error(a, eps) for a, (_, _, eps) in zip(ours, comfy_story)]
-    print(f"\n[{family}/story] diffusers vs ComfyUI, max relative error per step: {across}")
-    record_property("cross_host_relative_errors", across)
-    assert max(across) < TOLERANCE
+    comfy_story, _, _ = sampled_on_both_hosts(h, config, f"{family}/story", record_property, cast)
     first_step_change = relative_error(comfy_story[0][2], h.comfy_vanilla[0][2])
     batch_mode = comfy_sample(h, config)
     assert first_step_change > CLEAR_EFFECT, "the story changes the output"
