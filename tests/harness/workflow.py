@@ -40,6 +40,11 @@ WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 # The shipped workflows are named by their titles: ComfyUI's template browser shows a custom
 # node's template under its file name (no other metadata), with the .jpg of the same name.
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+# The CPU test checkpoint standing in for each workflow's model family, by workflow_id.
+TEST_CHECKPOINT = {"comic_page_sd1_5": "sd15_small", "four_panel_strip_sdxl": "vega_small",
+                   "long_story_of_24_panels_sd1_5": "sd15_small", "two_characters_sdxl": "vega_small",
+                   "character_from_your_image_sd1_5": "sd15_small", "character_lora_sdxl": "vega_small",
+                   "photomaker_face_sdxl": "vega_small", "comic_page_flux": "flux"}
 
 
 def workflow_id(path: Path | str) -> str:

@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from harness.workflow import (
+    TEST_CHECKPOINT, WORKFLOWS, by_workflow, load_workflow, node_definitions, ui_to_api, workflow_id,
+    workflow_node_types,
+)
+
 pytestmark = [pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,3 +67,14 @@ def test_a_workflow_without_a_checkpoint_is_refused_by_name(main_job):
     done = main_job("--workflow", str(REPO_ROOT / "workflows" / "Comic page (Flux).json"))
     assert done.returncode == 2
     assert "Comic page (Flux).json loads no checkpoint" in done.stderr and "Traceback" not in done.stderr
+
+
+@by_workflow([path for path in WORKFLOWS if "Flux" not in path.stem])
+def test_the_family_comes_from_the_graph(path, comfy):
+    """With the workflow's checkpoint not installed, its latent size decides (file names do not)."""
+    import run_example
+
+    workflow = load_workflow(path)
+    prompt = ui_to_api(workflow, node_definitions(comfy.NODE_CLASS_MAPPINGS, workflow_node_types(workflow)))
+    expected = {"sd15_small": "sd15", "vega_small": "sdxl"}[TEST_CHECKPOINT[workflow_id(path)]]
+    assert run_example.family_of(prompt, "not-installed.safetensors") == expected

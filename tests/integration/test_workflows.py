@@ -15,17 +15,12 @@ import torch
 from PIL import Image
 
 from harness.workflow import (
-    BYPASSED, MUTED, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow, node_definitions,
-    nodes_of_type, set_widgets, shrink, ui_to_api, widget_inputs, workflow_id, workflow_node_types,
+    BYPASSED, MUTED, TEST_CHECKPOINT, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow,
+    node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, widget_inputs, workflow_id, workflow_node_types,
 )
 
 pytestmark = pytest.mark.integration
 
-# The CPU test checkpoint standing in for each workflow's model family.
-TEST_CHECKPOINT = {"comic_page_sd1_5": "sd15_small", "four_panel_strip_sdxl": "vega_small",
-                   "long_story_of_24_panels_sd1_5": "sd15_small", "two_characters_sdxl": "vega_small",
-                   "character_from_your_image_sd1_5": "sd15_small", "character_lora_sdxl": "vega_small",
-                   "photomaker_face_sdxl": "vega_small", "comic_page_flux": "flux"}
 TEXT_ENCODER_STAND_IN = "ConsistentStoryTestFluxTextEncoder"  # registered by the flux_text fixture below
 SIZE, STEPS = 64, 2
 THUMBNAIL_MAX_BYTES = 60_000
