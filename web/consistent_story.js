@@ -42,8 +42,13 @@ export function countStory(text) {
 // Conditioning may pass through a few nodes (area, combine, ControlNet) before the sampler.
 const MAX_HOPS = 4;
 
+// LiteGraph's link lookup (a method in newer frontends, a table in older ones).
+function linkOf(graph, linkId) {
+  return graph.getLink?.(linkId) ?? graph.links?.[linkId];
+}
+
 function linkedNode(graph, linkId) {
-  const link = graph.getLink?.(linkId) ?? graph.links?.[linkId];
+  const link = linkOf(graph, linkId);
   return link ? graph.getNodeById(link.origin_id) : null;
 }
 
@@ -52,7 +57,7 @@ function targetNodes(graph, node) {
   for (const output of node.outputs ?? []) {
     if (output.type !== "CONDITIONING") continue;
     for (const linkId of output.links ?? []) {
-      const link = graph.getLink?.(linkId) ?? graph.links?.[linkId];
+      const link = linkOf(graph, linkId);
       const target = link && graph.getNodeById(link.target_id);
       if (target) targets.push(target);
     }
