@@ -12,7 +12,7 @@ from .planner import CallPlanner, layer_seed, panels_per_chunk
 from .rows import call_rows, index_tensor, take_rows
 from .schedule import Step, layer_active, locate_step, mix_seed, step_in_range
 from .story_attention import StoryCall
-from .token_layout import TokenLayout, rope_shift
+from .token_layout import RoPE, TokenLayout, dit_layout, extend_mask, patch_grid, rope_shift
 from .tokens import GatherPlan, append_reference, neighbour_table, plan_gather, sampled_count
 
 __all__ = [
@@ -26,11 +26,14 @@ __all__ = [
     "Step",
     "StoryCall",
     "StoryCast",
+    "RoPE",
     "TokenLayout",
     "append_reference",
     "call_rows",
     "index_tensor",
+    "dit_layout",
     "downsample_factor",
+    "extend_mask",
     "layer_active",
     "layer_seed",
     "locate_step",
@@ -38,6 +41,7 @@ __all__ = [
     "neighbour_table",
     "panels_per_chunk",
     "parse_block_list",
+    "patch_grid",
     "plan_gather",
     "rope_shift",
     "sampled_count",

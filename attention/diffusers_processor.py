@@ -189,7 +189,7 @@ class ConsistentSelfAttnProcessor:
         else:
             panels = tuple(range(state.cast.panels))
 
-            def attend(q, k, v, rows):
+            def attend(q, k, v, rows, mask):
                 return _attend(attn, q, k, v)
 
             layer = (self.layer.block, self.layer.block_index)

@@ -24,11 +24,12 @@ import torch
 from .cast import StoryCast
 from .planner import CallPlanner
 from .rows import index_tensor
-from .token_layout import TokenLayout
+from .token_layout import TokenLayout, extend_mask
 from .tokens import sampled_count
 
-# attend(q, k, v, rows) -> output rows; ``rows`` names each row as (chunk, panel).
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
+# attend(q, k, v, rows, mask) -> output rows; ``rows`` names each row as (chunk, panel); ``mask``
+# is the call's attention mask extended to the keys (None without one).
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -90,31 +91,38 @@ class StoryCall:
         v: torch.Tensor,
         latent_hw: tuple[int, int],
         attend: Attend,
+        layout: TokenLayout | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """CSA for one self-attention layer of the sub-call over ``panels``; None = plain attention.
 
         ``layer`` is (block, block_index); q/k/v are ``[chunks * len(panels), tokens, C]`` (or
         ``[rows, heads, tokens, D]``, see ``TokenLayout``), row ``r`` being panel
-        ``panels[r % len(panels)]`` of chunk ``r // len(panels)``.
+        ``panels[r % len(panels)]`` of chunk ``r // len(panels)``. ``layout``: this sub-call's
+        token layout (else the call's); ``mask``: the call's attention mask, extended to the keys.
         """
-        first, shared = self.layout.shared_tokens(q.shape[self.layout.token_dim])
+        layout = (layout or self.layout).for_rank(q.ndim)
+        first, shared = layout.shared_tokens(q.shape[layout.token_dim])
         rate = self.planner.rate(layer[0], layer[1], shared, latent_hw) if self.slots else 0.0
         if rate <= 0:
             return None
         count = sampled_count(shared, rate)
         rows = self._sub_call_rows(panels, k.device)
         if rows.write_rows.numel():
-            self._write(layer, rows, k, v, count)
+            self._write(layer, rows, k, v, count, layout, first)
             self.bank_peak = max(self.bank_peak, self.bank_bytes())
         bank = self.bank.get(layer) if self.keep_bank else self.bank.pop(layer, None)
         out = None
         for group in rows.groups:
             q_g, k_g, v_g = (group.take(t) for t in (q, k, v))
+            mask_g = mask if mask is None or mask.shape[0] == 1 else group.take(mask)
             if group.bank_rows is not None:
                 if bank is None:
                     raise RuntimeError(f"layer {layer}: identity tokens read before they were written")
-                k_g, v_g = (self.layout.extend(t, stored, group.bank_rows) for t, stored in zip((k_g, v_g), bank))
-            result = attend(q_g, k_g, v_g, group.names)
+                k_g, v_g = (layout.extend(t, stored, group.bank_rows) for t, stored in zip((k_g, v_g), bank))
+                if mask_g is not None:
+                    mask_g = extend_mask(mask_g, first + self._read_positions(group.bank_rows, shared, count))
+            result = attend(q_g, k_g, v_g, group.names, mask_g)
             if group.everyone:
                 return result
             if out is None:
@@ -122,19 +130,25 @@ class StoryCall:
             out.index_copy_(0, group.rows, result)
         return out
 
-    def _write(self, layer, rows: SubCallRows, k, v, count: int) -> None:
-        first, shared = self.layout.shared_tokens(k.shape[self.layout.token_dim])
+    def _write(self, layer, rows: SubCallRows, k, v, count: int, layout: TokenLayout, first: int) -> None:
+        shared = layout.shared_tokens(k.shape[layout.token_dim])[1]
         positions = self._sampled_positions(shared, count, k.device) + first  # [slots, count]
         positions = positions.index_select(0, rows.write_slots % self.slots)  # [W, count]
-        taken_k = self.layout.take(k, rows.write_rows, positions)
-        if self.layout.key_shift is not None:
-            taken_k = self.layout.key_shift(taken_k)
-        taken_v = self.layout.take(v, rows.write_rows, positions)
+        taken_k = layout.take(k, rows.write_rows, positions)
+        if layout.key_shift is not None:
+            taken_k = layout.key_shift(taken_k)
+        taken_v = layout.take(v, rows.write_rows, positions)
         if layer not in self.bank:
             shape = (self.chunks * self.slots,) + tuple(taken_k.shape[1:])
             self.bank[layer] = (taken_k.new_empty(shape), taken_v.new_empty(shape))
         for stored, taken in zip(self.bank[layer], (taken_k, taken_v)):
             stored.index_copy_(0, rows.write_slots, taken)
+
+    def _read_positions(self, bank_rows: torch.Tensor, tokens: int, count: int) -> torch.Tensor:
+        """``[G, n * count]``: the positions (among the shared tokens) of the banked tokens each row reads."""
+        slots = (bank_rows % self.slots).reshape(-1)
+        positions = self._sampled_positions(tokens, count, bank_rows.device).index_select(0, slots)
+        return positions.view(bank_rows.shape[0], -1)
 
     def _sampled_positions(self, tokens: int, count: int, device) -> torch.Tensor:
         """``[slots, count]`` positions among the ``tokens`` shared tokens of each identity panel, sorted."""

@@ -1,38 +1,59 @@
 """How a self-attention call lays out its tokens, and which of them other panels may read.
 
 A UNet's attn1 calls attention on ``[rows, tokens, C]``: every token is an image token. A DiT
-(Flux) calls joint attention on ``[rows, heads, tokens, D]`` over text and image tokens: only the
-image tokens are shared (another panel's text never is), and since its keys are already rotated
-by RoPE, shared keys may be moved to other positions first (``key_shift``). ``TokenLayout``
-gathers the sampled tokens of the rows that are read and appends them to the readers' own tokens
-for either layout, so ``StoryCall`` serves both.
+calls joint attention on ``[rows, heads, tokens, D]`` (or ``[rows, tokens, C]``) over text and
+image tokens, and some families append tokens that are not the panel's picture (Kontext's
+reference latents). Only the panel's own image tokens are shared (another panel's text or
+reference tokens never are). Where they sit is taken from each call: the text length is the
+call's token count less the image and trailing tokens, so a reference row whose prompt is
+encoded apart from the panels' finds its image tokens all the same. Keys already rotated by
+RoPE may be moved to other positions first (``key_shift``). ``TokenLayout`` gathers the sampled
+tokens of the rows that are read and appends them to the readers' own tokens, and extends an
+attention mask to match, for either layout, so ``StoryCall`` serves both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
+from .config import ConsistentAttentionError
+
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """token_dim: 1 for ``[rows, tokens, C]``, 2 for ``[rows, heads, tokens, D]``.
-    shared: ``(first, count)`` of the tokens that may be read by other rows; None = all of them.
+    """token_dim: 1 for ``[rows, tokens, C]``, 2 for ``[rows, heads, tokens, D]``, None: from the
+      tensors' rank (a family whose host version decides, as Qwen-Image's).
+    image: the panel's own image tokens in each call, after its text; None = every token is one.
+    trailing: tokens after the image that are not the panel's picture (reference latents).
     key_shift: applied to the shared keys once taken (a RoPE re-rotation), or None."""
 
-    token_dim: int = 1
-    shared: tuple[int, int] | None = None
+    token_dim: int | None = 1
+    image: int | None = None
+    trailing: int = 0
     key_shift: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    def for_rank(self, rank: int) -> "TokenLayout":
+        """This layout with its token dimension fixed for tensors of ``rank`` dimensions."""
+        if self.token_dim is not None:
+            return self
+        return replace(self, token_dim=1 if rank == 3 else 2)
+
     def shared_tokens(self, tokens: int) -> tuple[int, int]:
-        """``(first, count)`` of the shareable tokens of a call with ``tokens`` tokens."""
-        if self.shared is None:
+        """``(first, count)`` of the shareable tokens of a call with ``tokens`` tokens: the text
+        before them is what the call holds beyond the image and trailing tokens."""
+        if self.image is None:
             return 0, tokens
-        first, count = self.shared
-        if first < 0 or first + count > tokens:
-            raise ValueError(f"shared tokens {first}..{first + count} outside a call of {tokens} tokens")
-        return first, count
+        text = tokens - self.image - self.trailing
+        if text < 0:
+            raise ConsistentAttentionError(
+                f"Consistent Self-Attention expected {self.image} image tokens per panel"
+                f"{f' and {self.trailing} reference tokens' if self.trailing else ''}, but an attention call holds "
+                f"only {tokens} tokens. The model lays out its tokens in a way this version does not know: please "
+                "report the model, and remove Consistent Self-Attention for it meanwhile."
+            )
+        return text, self.image
 
     def take(self, t: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Tokens ``positions[i]`` (``[W, count]``, absolute) of rows ``rows[i]``:
@@ -56,13 +77,26 @@ class TokenLayout:
         return torch.cat([own, extra], dim=self.token_dim)
 
 
+def extend_mask(mask: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """An attention mask (or bias) ``[rows | 1, (heads,) queries, keys]`` for keys extended by shared
+    tokens: each shared key gets the reader's own mask column at the same image position
+    (``columns`` ``[rows, extra]``), so a query treats another panel's token at position p as it
+    treats its own token at p (Redux's text bias, for one, leaves image columns alone)."""
+    rows = columns.shape[0]
+    if mask.shape[0] == 1 and rows > 1:
+        mask = mask.expand(rows, *mask.shape[1:])
+    index = columns.view(rows, *([1] * (mask.ndim - 2)), -1).expand(*mask.shape[:-1], columns.shape[1])
+    return torch.cat([mask, mask.gather(-1, index)], dim=-1)
+
+
 def rope_shift(axes_dim: tuple[int, ...], theta: float, axis: int, delta: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function that moves RoPE-rotated keys ``[..., D]`` by ``delta`` positions along ``axis``.
 
     RoPE rotates each pair of head dimensions by ``position * omega``; rotations add, so a key
     rotated at position ``p`` is rotated at ``p + delta`` by one more rotation of ``delta * omega``.
     Dimensions follow Flux's ``EmbedND`` layout: the pairs of axis 0, then axis 1, ... each axis
-    ``axes_dim[i]`` dimensions wide, frequencies ``theta ** -(2j / axes_dim[i])``.
+    ``axes_dim[i]`` dimensions wide, frequencies ``theta ** -(2j / axes_dim[i])``; the last
+    dimension may hold several heads of ``sum(axes_dim)`` each (``[rows, tokens, heads * D]``).
     """
     first = sum(axes_dim[:axis]) // 2
     width = axes_dim[axis]
@@ -70,13 +104,45 @@ def rope_shift(axes_dim: tuple[int, ...], theta: float, axis: int, delta: float)
     angle = delta * omega
     cos, sin = angle.cos(), angle.sin()
 
+    head = sum(axes_dim)
+
     def shift(keys: torch.Tensor) -> torch.Tensor:
-        pairs = keys.unflatten(-1, (-1, 2))
+        pairs = keys.unflatten(-1, (-1, head // 2, 2))
         x0, x1 = pairs[..., first:first + width // 2, 0], pairs[..., first:first + width // 2, 1]
         c, s = cos.to(keys.device, torch.float32), sin.to(keys.device, torch.float32)
         out = pairs.clone()
         out[..., first:first + width // 2, 0] = (c * x0.float() - s * x1.float()).to(keys.dtype)
         out[..., first:first + width // 2, 1] = (s * x0.float() + c * x1.float()).to(keys.dtype)
-        return out.flatten(-2)
+        return out.flatten(-3)
 
     return shift
+
+
+@dataclass(frozen=True)
+class RoPE:
+    """A DiT's rotary position embedding in Flux's ``EmbedND`` layout: ``axes_dim`` head
+    dimensions per position axis, frequencies from ``theta``; ``width_axis`` is the axis of an
+    image token's column."""
+
+    axes_dim: tuple[int, ...]
+    theta: float
+    width_axis: int
+
+
+def patch_grid(height: int, width: int, patch: int) -> tuple[int, int]:
+    """Token rows and columns of a ``height`` x ``width`` latent cut into ``patch`` x ``patch``
+    patches, padded up to whole patches (ComfyUI's ``pad_to_patch_size``)."""
+    return -(-height // patch), -(-width // patch)
+
+
+def dit_layout(latent_hw: tuple[int, int], patch: int, references=(), rope: RoPE | None = None,
+               token_dim: int | None = 2, padding: int = 1) -> TokenLayout:
+    """The tokens of a DiT call ``[text, image, references]`` on a latent of ``latent_hw``:
+    the image grid from the model's patch size, padding tokens up to a multiple of ``padding``
+    and the reference latents' tokens (``references``: their ``(height, width)``) after it, never
+    shared; with ``rope``, shared keys move one image width along its width axis."""
+    rows, columns = patch_grid(*latent_hw, patch)
+    trailing = -(rows * columns) % padding
+    trailing += sum(r * c for r, c in (patch_grid(h, w, patch) for h, w in references))
+    shift = None if rope is None else rope_shift(rope.axes_dim, rope.theta, rope.width_axis, columns)
+    return TokenLayout(token_dim=token_dim, image=rows * columns, trailing=trailing, key_shift=shift)

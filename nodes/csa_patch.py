@@ -32,18 +32,42 @@ OVERRIDE_KEY = "optimized_attention_override"
 class CallState:
     """One model call (or story sub-call): its planner, and what waits for the next attention call.
 
-    Batch mode: ``pending`` is the layer's GatherPlan. Story mode: ``story`` is the call's
-    ``StoryCall``, ``panels`` the sub-call's panels, and ``pending`` the layer ((block, index), latent hw).
+    ``pending`` is ``(layer, detail)`` for the layer whose attention comes next: ``layer`` is
+    ((block, index), transformer index); ``detail`` the layer's GatherPlan (None: plain attention)
+    in batch mode, its latent size in story mode. Story mode: ``story`` is the call's
+    ``StoryCall``, ``panels`` the sub-call's panels, ``layout`` its tokens (a DiT's; None on a UNet). ``extended`` counts the layers
+    whose keys this call extended: the tests read it, and it makes a no-op visible.
     """
 
-    __slots__ = ("planner", "pending", "chained_override", "story", "panels")
+    __slots__ = ("planner", "pending", "chained_override", "story", "panels", "layout", "extended", "reached",
+                 "replaced")
 
-    def __init__(self, planner: CallPlanner, chained_override, story=None, panels=()):
+    def __init__(self, planner: CallPlanner, chained_override, story=None, panels=(), layout=None, replaced=()):
         self.planner = planner
         self.pending = None
         self.chained_override = chained_override
         self.story = story
         self.panels = panels
+        self.layout = layout
+        self.extended = 0
+        self.reached = set()  # the blocks that named themselves in this call
+        self.replaced = frozenset(replaced)  # attn1 layers another node replaced in this call (PAG, SAG)
+
+    def expect(self, layer, detail) -> None:
+        """The next attention call is ``layer``'s; the previous layer's must have come through CSA."""
+        if self.pending is not None:
+            raise_unreached(self.pending)
+        self.pending = (layer, detail)
+        self.reached.add(layer[0])
+
+
+def raise_unreached(pending) -> None:
+    layer = pending[0]
+    raise ConsistentAttentionError(
+        f"Consistent Self-Attention planned layer {layer}, but its attention never reached CSA (something "
+        "between ComfyUI's attention call and CSA's attention override dropped it). Remove the node that replaces "
+        "this model's attention, or this Consistent Self-Attention node."
+    )
 
 
 def current_step(transformer_options: dict) -> Step:
@@ -126,7 +150,7 @@ class ConsistentAttentionPatch:
         if self.cast is not None:
             return run_story_call(self, planner, executor, x, t, c_concat, c_crossattn, control, options, **kwargs)
         self.prepare(options, planner)
-        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        return self.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
 
     def story_call(self, planner: CallPlanner, chunks: int, first_chunk: int, x, c_crossattn,
                    keep_bank: bool = True) -> StoryCall:
@@ -134,12 +158,30 @@ class ConsistentAttentionPatch:
         when a single sub-call writes and reads every layer's bank (it is then dropped at once)."""
         return StoryCall(planner, self.cast, chunks, first_chunk, keep_bank=keep_bank)
 
-    def prepare(self, options: dict, planner: CallPlanner, story=None, panels: tuple[int, ...] = ()) -> dict:
+    def call_layout(self, x, kwargs: dict):
+        """The token layout of a model call with latents ``x`` and model inputs ``kwargs``: None
+        on a UNet (every attn1 token is an image token); a DiT says where its image tokens are."""
+        return None
+
+    def prepare(self, options: dict, planner: CallPlanner, story=None, panels: tuple[int, ...] = (), layout=None) -> dict:
         """Put a fresh ``CallState`` and this patch's attention override (chained to the one found
         there) into ``options``, a copy of transformer_options owned by this call."""
-        options[STATE_KEY] = CallState(planner, options.get(OVERRIDE_KEY), story, panels)
+        replaced = (options.get("patches_replace") or {}).get("attn1") or {}
+        options[STATE_KEY] = CallState(planner, options.get(OVERRIDE_KEY), story, panels, layout, replaced)
         options[OVERRIDE_KEY] = self.attention
         return options
+
+    def run(self, executor, *args, options: dict, **kwargs):
+        """Run one (sub-)call prepared in ``options``; a layer left pending never reached CSA."""
+        out = executor(*args, options, **kwargs)
+        state = options[STATE_KEY]
+        if state.pending is not None:
+            raise_unreached(state.pending)
+        self.check_reached(state)
+        return out
+
+    def check_reached(self, state: CallState) -> None:
+        """After a call: every block CSA chose named itself (a DiT's blocks are known in advance)."""
 
     def __call__(self, n, context, value, extra_options):
         """attn1 patch: plan the gather for this layer (story: name it), or clear any stale plan."""
@@ -147,12 +189,13 @@ class ConsistentAttentionPatch:
         if state is None:
             return n, context, value
         block = extra_options.get("block")
-        if block is None:
-            state.pending = None
-        elif state.story is not None:
-            state.pending = ((block, extra_options.get("block_index", 0)), tuple(extra_options["original_shape"][-2:]))
+        if block is None or attn1_replaced(state, extra_options, block):
+            return n, context, value  # another node's attention replaces this layer's (PAG, SAG): not CSA's to extend
+        layer = (block, extra_options.get("block_index", 0))
+        if state.story is not None:
+            state.expect(layer, tuple(extra_options["original_shape"][-2:]))
         else:
-            state.pending = state.planner.plan(
+            state.expect(layer, state.planner.plan(
                 block,
                 extra_options.get("block_index", 0),
                 rows=n.shape[0],
@@ -160,32 +203,62 @@ class ConsistentAttentionPatch:
                 tokens=n.shape[1],
                 latent_hw=tuple(extra_options["original_shape"][-2:]),
                 device=n.device,
-            )
+            ))
         return n, context, value
 
     def attention(self, func, q, k, v, heads, *args, **kwargs):
-        """optimized_attention_override: extend k/v with the planned tokens, then attend as usual."""
+        """optimized_attention_override: extend k/v with the planned tokens, then attend as usual.
+        A planned layer whose call CSA cannot extend is an error naming the layer and the shapes."""
         options = kwargs.get("transformer_options") or {}
         state = options.get(STATE_KEY)
         if state is None:
             return func(q, k, v, heads, *args, **kwargs)
         pending, state.pending = state.pending, None
+        if args:  # ComfyUI's attention functions take (q, k, v, heads, mask=None, ...): name the mask
+            kwargs = {**kwargs, "mask": args[0]}
+            args = args[1:]
+        mask = kwargs.get("mask")
 
-        def attend(q, k, v, rows=None):
+        def attend(q, k, v, rows=None, mask=mask):
             """The attention ComfyUI would run (through any chained override); ``rows`` names the
             rows of a story attention call for the overrides after this one."""
-            call_kwargs = kwargs if rows is None else {**kwargs, "transformer_options": {**options, ROWS_KEY: rows}}
+            call_kwargs = {**kwargs, "mask": mask} if "mask" in kwargs or mask is not None else kwargs
+            if rows is not None:
+                call_kwargs = {**call_kwargs, "transformer_options": {**options, ROWS_KEY: rows}}
             if state.chained_override is not None:
                 return state.chained_override(func, q, k, v, heads, *args, **call_kwargs)
             return func(q, k, v, heads, *args, **call_kwargs)
 
-        if pending is not None and q.shape[:-1] == k.shape[:-1]:  # self-attention: as many keys as queries
-            if state.story is None:
-                if q.ndim == 3 and q.shape[:2] == (pending.rows, pending.tokens):
-                    k, v = pending.extend(k), pending.extend(v)
-            elif q.shape[0] == state.story.chunks * len(state.panels):
-                (layer, latent_hw) = pending
-                out = state.story.attention(layer, state.panels, q, k, v, latent_hw, attend)
-                if out is not None:
-                    return out
-        return attend(q, k, v)
+        if pending is None:
+            return attend(q, k, v)
+        layer, detail = pending
+        if state.story is None:
+            if detail is None:  # not a CSA layer at this step
+                return attend(q, k, v)
+            if not (q.ndim == 3 and q.shape[:-1] == k.shape[:-1] == (detail.rows, detail.tokens)) or mask is not None:
+                raise_unextendable(layer, q, k, mask, f"[{detail.rows}, {detail.tokens}, C]")
+            state.extended += 1
+            return attend(q, detail.extend(k), detail.extend(v))
+        rows = state.story.chunks * len(state.panels)
+        if q.shape[:-1] != k.shape[:-1] or q.shape[0] != rows or (mask is not None and mask.shape[0] not in (1, rows)):
+            raise_unextendable(layer, q, k, mask, f"{rows} rows of self-attention")
+        out = state.story.attention(layer, state.panels, q, k, v, detail, attend, state.layout, mask)
+        if out is None:  # not a CSA layer at this step (blocks, schedule)
+            return attend(q, k, v)
+        state.extended += 1
+        return out
+
+
+def attn1_replaced(state: CallState, extra_options: dict, block) -> bool:
+    """Whether another node replaced this attn1 (ComfyUI looks up (block, id, block_index), then block)."""
+    replaced = state.replaced
+    return bool(replaced) and ((*block, extra_options.get("block_index", 0)) in replaced or block in replaced)
+
+
+def raise_unextendable(layer, q, k, mask, expected: str) -> None:
+    masked = "" if mask is None else f", mask {list(mask.shape)}"
+    raise ConsistentAttentionError(
+        f"Consistent Self-Attention cannot extend layer {layer}: its attention call has queries {list(q.shape)} and "
+        f"keys {list(k.shape)}{masked}, where CSA expected {expected}. Something changed this model's attention "
+        "(another node, or a model layout this version does not know): remove that node or Consistent Self-Attention."
+    )

@@ -1,64 +1,80 @@
-"""Consistent Self-Attention on a Flux-family DiT (ComfyUI's ``comfy.ldm.flux.model.Flux``).
+"""Consistent Self-Attention on a DiT (the families of ``dit_families.py``).
 
-Flux has no attn1: each double-stream and single-stream block runs one joint attention over
-``[text, image]`` tokens, through ``flux.math.attention``, which applies RoPE and then calls
-ComfyUI's ``optimized_attention`` with ``[rows, heads, tokens, dim]`` tensors and the call's
-``transformer_options``. So:
-- a ``patches_replace["dit"]`` entry on every block (chained to one already there) names the
-  block about to run in the call's state, then runs the block;
+A DiT has no attn1: each joint block runs one attention over text and image tokens, through
+ComfyUI's ``optimized_attention`` with ``[rows, heads, tokens, dim]`` tensors (RoPE applied) and
+the call's ``transformer_options``. So:
+- a ``patches_replace["dit"]`` entry on every joint block (chained to one already there) names
+  the block about to run in the call's state, then runs the block;
 - the same APPLY_MODEL wrapper and attention override as the UNet patch then extend each row's
-  keys and values with sampled IMAGE tokens of the panels it reads (never their text tokens),
-  already rotated by RoPE; "shifted" key positions move them one image width to the right
-  (AlignedGen reports that shared keys at the reader's own positions degrade results).
+  keys and values with sampled IMAGE tokens of the panels it reads (never their text or
+  reference tokens), where the family's ``call_layout`` says they are, already rotated by RoPE;
+  "shifted" key positions move them one image width along the columns (AlignedGen reports that
+  shared keys at the reader's own positions degrade results).
 Without a story every panel reads its neighbours (``BatchCast``); with one, the characters rule.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
-from ..attention import (
-    DIT_DEFAULT_PRESET, BatchCast, CallPlanner, ConsistentAttentionError, StoryCall, TokenLayout, rope_shift,
-)
+from ..attention import BatchCast, CallPlanner, ConsistentAttentionError, StoryCall
 from .csa_patch import STATE_KEY, ConsistentAttentionPatch, current_step
+from .dit_families import DiTFamily
 from .story_calls import run_story_call
 
 KEY_POSITIONS = ("shifted", "as is")
-WIDTH_AXIS = 2  # Flux's position ids: (index, row, column)
-
-
-def is_flux(diffusion_model) -> bool:
-    return all(hasattr(diffusion_model, name) for name in ("double_blocks", "single_blocks", "pe_embedder", "params"))
 
 
 class DiTAttentionPatch(ConsistentAttentionPatch):
-    def __init__(self, config, cast=None, panels_per_call: int = 0, references=(), key_positions: str = "shifted"):
+    def __init__(self, family: DiTFamily, config, cast=None, panels_per_call: int = 0, references=(),
+                 key_positions: str = "shifted"):
         if key_positions not in KEY_POSITIONS:
             raise ConsistentAttentionError(f"key_positions must be one of {KEY_POSITIONS}, got {key_positions!r}.")
-        if config.blocks == "output":  # the UNet default means the DiT default here (see the node's tooltip)
-            config = replace(config, blocks=DIT_DEFAULT_PRESET)
         super().__init__(config, cast, panels_per_call, references)
+        self.family = family
         self.key_positions = key_positions
-        self.rope = None  # (axes_dim, theta) of the model, set by install
+        self.geometry = None  # (patch size, RoPE) of the model, read by install
+        self.chosen = frozenset()  # the model's blocks CSA runs in, (kind, index), set by install
 
     def install(self, model) -> None:
         diffusion_model = model.get_model_object("diffusion_model")
-        self.rope = (tuple(diffusion_model.params.axes_dim), diffusion_model.params.theta)
-        if any(getattr(block, "flipped_img_txt", False) for block in diffusion_model.double_blocks):
+        double_blocks = getattr(diffusion_model, "double_blocks", ())
+        if any(getattr(block, "flipped_img_txt", False) for block in double_blocks):
             raise ConsistentAttentionError(
                 f"{type(diffusion_model).__name__} puts image tokens before text tokens in its double blocks; "
                 "Consistent Self-Attention does not support that layout yet."
             )
+        self.config = self.family.resolve_blocks(self.config, diffusion_model)  # 'output': the family's default
+        self.geometry = self.family.geometry(diffusion_model)
+        self.chosen = frozenset(layer for layer in self.family.running_blocks(diffusion_model)
+                                if self.config.patches_block(*layer))
+        if not self.chosen:
+            kinds = sorted({blocks.kind for blocks in self.family.blocks})
+            raise ConsistentAttentionError(
+                f"blocks '{self.config.blocks}' chooses no block of this {self.family.name} model, so CSA would change "
+                f"nothing. Its joint blocks are of kind {' and '.join(kinds)}: pick 'output' (the family's default), "
+                "'all', or list them in custom_blocks."
+            )
         super().install(model)
 
     def mark_layers(self, model) -> None:
-        """Every double- and single-stream block names itself before its joint attention."""
+        """Every joint block names itself before its attention."""
         diffusion_model = model.get_model_object("diffusion_model")
         replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-        blocks = [("double_block", len(diffusion_model.double_blocks)), ("single_block", len(diffusion_model.single_blocks))]
-        for name, count in blocks:
-            for index in range(count):
-                marker = BlockMarker((name.split("_")[0], index), replaced.get((name, index)))
-                model.set_model_patch_replace(marker, "dit", name, index)
+        for blocks, index in self.family.joint_blocks(diffusion_model):
+            marker = BlockMarker((blocks.kind, index), replaced.get((blocks.replace_name, index)))
+            model.set_model_patch_replace(marker, "dit", blocks.replace_name, index)
+
+    def check_reached(self, state) -> None:
+        missing = self.chosen - state.reached
+        if missing:
+            names = ", ".join(f"{kind} {index}" for kind, index in sorted(missing))
+            raise ConsistentAttentionError(
+                f"Consistent Self-Attention marks each {self.family.name} block it runs in, but blocks {names} never "
+                "named themselves in this model call: a node after Consistent Self-Attention replaced them "
+                "(patches_replace). Put Consistent Self-Attention after that node, or leave those blocks out."
+            )
+
+    def call_layout(self, x, kwargs: dict):
+        patch_size, rope = self.geometry
+        return self.family.call_layout(patch_size, rope if self.key_positions == "shifted" else None, x, kwargs)
 
     def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         options = dict(transformer_options)
@@ -68,20 +84,13 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
         chunks = len(options.get("cond_or_uncond") or [0])
         panels = x.shape[0] // chunks
         story = self.story_call(planner, chunks, 0, x, c_crossattn, keep_bank=False)
-        self.prepare(options, planner, story, tuple(range(panels)))
-        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        self.prepare(options, planner, story, tuple(range(panels)), self.call_layout(x, kwargs))
+        return self.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
 
     def story_call(self, planner, chunks: int, first_chunk: int, x, c_crossattn, keep_bank: bool = True) -> StoryCall:
-        height, width = x.shape[-2:]
-        patch = 2  # Flux's 2x2 patches, padded up
-        rows, columns = (height + patch // 2) // patch, (width + patch // 2) // patch
-        text = c_crossattn.shape[1]
-        shift = None
-        if self.key_positions == "shifted":
-            shift = rope_shift(*self.rope, WIDTH_AXIS, columns)
-        layout = TokenLayout(token_dim=2, shared=(text, rows * columns), key_shift=shift)
+        """Each sub-call brings its own token layout (``call_layout``); the bank holds image tokens only."""
         cast = self.cast if self.cast is not None else BatchCast.of(x.shape[0] // chunks, self.config.window)
-        return StoryCall(planner, cast, chunks, first_chunk, layout, keep_bank)
+        return StoryCall(planner, cast, chunks, first_chunk, keep_bank=keep_bank)
 
 
 class BlockMarker:
@@ -97,7 +106,7 @@ class BlockMarker:
     def __call__(self, args: dict, extra: dict):
         state = (args.get("transformer_options") or {}).get(STATE_KEY)
         if state is not None:
-            state.pending = ((self.layer, 0), None)  # one resolution: no latent size needed
+            state.expect((self.layer, 0), None)  # one resolution: no latent size needed
         if self.chained is not None:
             return self.chained(args, extra)
         return extra["original_block"](args)

@@ -7,7 +7,8 @@ from comfy_api.v0_0_2 import io
 
 from ..attention import MAX_IDENTITY_PANELS, ConsistentAttentionError, CSAConfig, parse_block_list
 from .csa_patch import ConsistentAttentionPatch
-from .dit_patch import KEY_POSITIONS, DiTAttentionPatch, is_flux
+from .dit_families import FAMILIES, dit_family
+from .dit_patch import KEY_POSITIONS, DiTAttentionPatch
 from .nodes_story import CATEGORY, StoryType
 
 DEFAULT_IDENTITY_PANELS = 2  # the official app's default id_length
@@ -123,8 +124,8 @@ class ConsistentSelfAttention(io.ComfyNode):
             seed=seed,
         )
         cast = story_cast(story, window, identity_panels, panels_per_call)
-        family = model_family(model)
-        if family == "dit":  # one resolution: rate_fine is the rate (rate_coarse is ignored, as the tooltip says)
+        family = dit_family(model)
+        if family is not None:  # one resolution: rate_fine is the rate (rate_coarse is ignored, as the tooltip says)
             config = replace(config, rate_coarse=config.rate_fine)
         elif blocks.endswith("-stream"):
             raise ConsistentAttentionError(
@@ -136,19 +137,18 @@ class ConsistentSelfAttention(io.ComfyNode):
             check_custom_blocks(config.custom_blocks, attention_blocks(model, family))
         patched = model.clone()
         references = story.references if story is not None else ()
-        if family == "dit":
-            DiTAttentionPatch(config, cast, panels_per_call, references, key_positions).install(patched)
+        if family is not None:
+            DiTAttentionPatch(family, config, cast, panels_per_call, references, key_positions).install(patched)
         else:
             ConsistentAttentionPatch(config, cast, panels_per_call, references).install(patched)
         return io.NodeOutput(patched)
 
 
-def attention_blocks(model, family: str) -> set[tuple[str, int]]:
+def attention_blocks(model, family) -> set[tuple[str, int]]:
     """The blocks of this model that hold a self-attention CSA can extend, in ComfyUI's naming."""
     diffusion_model = model.get_model_object("diffusion_model")
-    if family == "dit":
-        return {("double", i) for i in range(len(diffusion_model.double_blocks))} | \
-            {("single", i) for i in range(len(diffusion_model.single_blocks))}
+    if family is not None:
+        return {(blocks.kind, index) for blocks, index in family.joint_blocks(diffusion_model)}
     found = set()
     for kind, blocks in (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
                          ("output", diffusion_model.output_blocks)):
@@ -169,20 +169,6 @@ def check_custom_blocks(chosen: frozenset, available: set[tuple[str, int]]) -> N
     raise ConsistentAttentionError(
         f"custom_blocks names no block of this model that has self-attention, so it would change nothing. "
         f"This model's blocks with self-attention: {listed}."
-    )
-
-
-def model_family(model) -> str:
-    """'unet' (SD1.5/SDXL families) or 'dit' (Flux family); any other model is named in an error."""
-    diffusion_model = model.get_model_object("diffusion_model")
-    if all(hasattr(diffusion_model, name) for name in ("input_blocks", "middle_block", "output_blocks")):
-        return "unet"
-    if is_flux(diffusion_model):
-        return "dit"
-    raise ConsistentAttentionError(
-        f"Consistent Self-Attention supports SD1.5- and SDXL-family UNets and Flux-family DiTs; this model is "
-        f"{type(model.model).__name__} ({type(diffusion_model).__name__}), which it does not support yet. Remove "
-        "the node for this model."
     )
 
 

@@ -86,5 +86,5 @@ def reference_inputs(base_model, references, x: torch.Tensor, sigma: torch.Tenso
     extra = {name: value.to(x.device) if isinstance(value, torch.Tensor) else value
              for name, value in comfy.samplers.cond_cat(per_row).items()}
     timestep = sigma.reshape(1).expand(rows * len(chunk_kinds)).to(x.dtype)
-    return noised.repeat(len(chunk_kinds), 1, 1, 1).to(x.dtype), timestep, extra.pop("c_concat", None), \
+    return noised.repeat(len(chunk_kinds), *([1] * (noised.ndim - 1))).to(x.dtype), timestep, extra.pop("c_concat", None), \
         extra.pop("c_crossattn", None), extra

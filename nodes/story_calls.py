@@ -35,8 +35,8 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
     if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
         story = patch.story_call(planner, chunks, 0, x, c_crossattn, keep_bank=bool(patch.references))
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunks))
-        patch.prepare(options, planner, story, tuple(range(panels)))
-        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        patch.prepare(options, planner, story, tuple(range(panels)), patch.call_layout(x, kwargs))
+        return patch.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
 
     refuse_single_call_recorders(options, rows)
     uuids = options.get("uuids")
@@ -50,15 +50,17 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
             def take(value, name):
                 return take_rows(value, index, rows, name)
 
-            sub_options = patch.prepare(dict(options), planner, story, subset)
+            sub_kwargs = {name: take(value, name) for name, value in kwargs.items()}
+            sub_x = take(x, "x")
+            sub_options = patch.prepare(dict(options), planner, story, subset, patch.call_layout(sub_x, sub_kwargs))
             sub_options["cond_or_uncond"] = cond_or_uncond[chunk:chunk + 1]
             if uuids is not None and len(uuids) == chunks:
                 sub_options["uuids"] = uuids[chunk:chunk + 1]
             if "sigmas" in options:  # one sigma per panel (ComfyUI's per-chunk timestep)
                 sub_options["sigmas"] = take_rows(options["sigmas"], index_tensor(subset, "cpu"), panels, "sigmas")
-            result = executor(
-                take(x, "x"), take(t, "timestep"), take(c_concat, "c_concat"), take(c_crossattn, "c_crossattn"),
-                take(control, "control"), sub_options, **{name: take(value, name) for name, value in kwargs.items()},
+            result = patch.run(
+                executor, sub_x, take(t, "timestep"), take(c_concat, "c_concat"), take(c_crossattn, "c_crossattn"),
+                take(control, "control"), options=sub_options, **sub_kwargs,
             )
             if out is None:
                 out = result.new_empty((rows,) + tuple(result.shape[1:]))
@@ -75,14 +77,15 @@ def run_reference_rows(patch, planner, story, executor, x, t, options: dict, chu
     kinds = [cond_or_uncond[chunk] for chunk in chunks]
     x_ref, t_ref, c_concat, c_crossattn, extra = reference_inputs(
         executor.class_obj, patch.references, x, t.reshape(-1)[:1], kinds, patch.config.seed)
-    sub_options = patch.prepare(dict(options), planner, story, patch.cast.reference_panels)
+    sub_options = patch.prepare(dict(options), planner, story, patch.cast.reference_panels,
+                                patch.call_layout(x_ref, extra))
     sub_options["cond_or_uncond"] = kinds
     uuids = options.get("uuids")
     if uuids is not None and len(uuids) == len(cond_or_uncond):
         sub_options["uuids"] = [uuids[chunk] for chunk in chunks]
     if "sigmas" in options:
         sub_options["sigmas"] = t_ref[:len(patch.cast.reference_panels)]
-    executor(x_ref, t_ref, c_concat, c_crossattn, None, sub_options, **extra)
+    patch.run(executor, x_ref, t_ref, c_concat, c_crossattn, None, options=sub_options, **extra)
 
 
 def refuse_single_call_recorders(options: dict, rows: int) -> None:

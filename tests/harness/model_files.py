@@ -136,3 +136,65 @@ def photomaker_file(session_dir: Path) -> str:
         build_photomaker(path)
     folder_paths.add_model_folder_path("photomaker", str(folder), is_default=True)
     return path.name
+
+
+# The smallest DiT of each Flux-type family that ComfyUI's own classes build (one double and one
+# single block, one head of 128 dimensions, so the real RoPE axes fit). Built from the family's
+# config class directly: ComfyUI's detection fixes Flux.1's and Chroma's widths at their real
+# sizes, and these tests need only the layout (patches, positions, blocks), not the width.
+TINY_DITS = {
+    "Flux": {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+             "context_in_dim": 64, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": 1,
+             "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True},
+    "Chroma": {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64, "hidden_size": 128,
+               "mlp_ratio": 4.0, "num_heads": 1, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56],
+               "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 128, "hidden_dim": 32,
+               "n_layers": 1},
+    "Flux2": {"image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 1, "mlp_ratio": 3.0, "theta": 2000,
+              "out_channels": 128, "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False,
+              "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0, "txt_ids_dims": [3],
+              "in_channels": 128, "hidden_size": 128, "context_in_dim": 96, "vec_in_dim": None, "depth": 1,
+              "depth_single_blocks": 1, "patch_size": 1, "guidance_embed": True, "yak_mlp": False, "txt_norm": False},
+}
+TINY_DITS["QwenImage"] = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 2, "attention_head_dim": 128,
+                          "num_attention_heads": 1, "joint_attention_dim": 32}
+TINY_DITS["ChromaRadiance"] = dict(
+    TINY_DITS["Chroma"], image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
+    nerf_hidden_size=16, nerf_mlp_ratio=4, nerf_depth=1, nerf_max_freqs=8, nerf_tile_size=0,
+    nerf_final_head_type="conv", nerf_embedder_dtype=None)
+# Fields newer ComfyUI added to the Params dataclasses (required there, unknown to older hosts).
+_PARAMS = {"Flux": "comfy.ldm.flux.model.FluxParams", "Flux2": "comfy.ldm.flux.model.FluxParams",
+           "Chroma": "comfy.ldm.chroma.model.ChromaParams",
+           "ChromaRadiance": "comfy.ldm.chroma_radiance.model.ChromaRadianceParams"}
+_NEWER_PARAMS = {"txt_ids_dims": [], "vec_in_dim": None, "use_x0": False, "use_sequential_txt_ids": False}
+
+
+def tiny_dit(config_name: str, seed: int = 0):
+    """A random-weight ModelPatcher of ComfyUI's ``supported_models.<config_name>`` at the tiny
+    layout above (float32), built and wrapped exactly as ComfyUI's loaders build and wrap models."""
+    import dataclasses
+    import importlib
+
+    import_comfyui()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config_class = getattr(comfy.supported_models, config_name)
+    unet_config = dict(TINY_DITS[config_name])
+    if config_name in _PARAMS:  # a Params dataclass whose fields differ between hosts
+        module, _, params_name = _PARAMS[config_name].rpartition(".")
+        fields = {field.name for field in dataclasses.fields(getattr(importlib.import_module(module), params_name))}
+        unet_config.update({name: value for name, value in _NEWER_PARAMS.items()
+                            if name in fields and name not in unet_config})
+        for name in [name for name in unet_config if name != "image_model" and name not in fields]:
+            unet_config.pop(name)  # a field this host does not have
+    model_config = config_class(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device="meta")
+    state_dict = _random_state_dict(model.diffusion_model, seed, torch.float32)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(state_dict, strict=True, assign=True)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+

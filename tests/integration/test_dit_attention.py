@@ -241,5 +241,5 @@ def test_a_family_without_support_is_named(comfy):
         "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
     })
     sd3 = ModelPatcher(config.get_model({}, device="meta"), load_device="cpu", offload_device="cpu")
-    with pytest.raises(ValueError, match=r"supports SD1.5- and SDXL-family UNets and Flux-family DiTs; this model is SD3"):
+    with pytest.raises(ValueError, match=r"these DiT families: Flux.1, .*; this model is SD3 / SD3.5 \(ComfyUI config SD3"):
         patch(comfy, sd3)

@@ -93,7 +93,7 @@ def dense_reference(c: StoryCast, q, k, v, chunks: int, heads: int):
 
 
 def sdpa(heads):
-    def attend(q, k, v, rows):
+    def attend(q, k, v, rows, mask=None):
         qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).flatten(2)
     return attend
@@ -125,7 +125,7 @@ def test_sampled_tokens_are_shared_by_every_reader_and_chunks_stay_apart():
     q, k, v = (torch.randn(chunks * c.panels, tokens, width, generator=torch.Generator().manual_seed(i)) for i in range(3))
     seen = {}
 
-    def record(q_, k_, v_, rows):
+    def record(q_, k_, v_, rows, mask=None):
         for i, name in enumerate(rows):
             seen[name] = k_[i]
         return sdpa(2)(q_, k_, v_, rows)
@@ -180,12 +180,12 @@ def test_dit_layout_shares_image_tokens_only_and_shifts_keys():
     rows, heads, text, image, dim = 3, 2, 3, 8, 8
     q, k, v = (torch.randn(rows, heads, text + image, dim, generator=torch.Generator().manual_seed(i)) for i in range(3))
     shift = rope_shift((2, 2, 4), 10000.0, 2, 5)
-    layout = TokenLayout(token_dim=2, shared=(text, image), key_shift=shift)
+    layout = TokenLayout(token_dim=2, image=image, key_shift=shift)
     config = CSAConfig(rate_fine=1.0, rate_coarse=1.0, blocks="all", schedule="always")
     story = StoryCall(CallPlanner(config, Step(0, 1)), BatchCast.of(rows, 0), 1, layout=layout)
     seen = {}
 
-    def record(q_, k_, v_, names):
+    def record(q_, k_, v_, names, mask=None):
         for i, name in enumerate(names):
             seen[name] = (k_[i], v_[i])
         return q_.transpose(1, 2).flatten(2)
@@ -199,3 +199,30 @@ def test_dit_layout_shares_image_tokens_only_and_shifts_keys():
     torch.testing.assert_close(rope_shift((2, 2, 4), 10000.0, 2, 0)(k), k)
     two = rope_shift((2, 2, 4), 10000.0, 2, 2)
     torch.testing.assert_close(two(rope_shift((2, 2, 4), 10000.0, 2, 3)(k)), shift(k), rtol=1e-5, atol=1e-5)
+
+
+def test_text_length_comes_from_each_call_and_reference_tokens_are_never_shared():
+    """A DiT layout knows the image and trailing (reference) tokens; the text is the rest of the
+    call, so calls with longer or shorter prompts find their image tokens all the same."""
+    from consistent_story.attention import TokenLayout, dit_layout
+
+    layout = dit_layout((8, 8), 2, references=[(4, 4)])  # 16 image tokens, 4 reference tokens
+    assert (layout.image, layout.trailing) == (16, 4)
+    assert layout.shared_tokens(6 + 16 + 4) == (6, 16) and layout.shared_tokens(30 + 16 + 4) == (30, 16)
+    with pytest.raises(ConsistentAttentionError, match="expected 16 image tokens per panel and 4 reference tokens"):
+        layout.shared_tokens(19)
+    assert TokenLayout(token_dim=None, image=4).for_rank(3).token_dim == 1
+    assert TokenLayout(token_dim=None, image=4).for_rank(4).token_dim == 2
+
+
+def test_a_mask_is_extended_with_the_readers_own_columns():
+    from consistent_story.attention import extend_mask
+
+    mask = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)  # 2 rows, 3 queries, 5 keys
+    columns = torch.tensor([[1, 4], [0, 0]])
+    extended = extend_mask(mask, columns)
+    assert extended.shape == (2, 3, 7)
+    assert torch.equal(extended[:, :, :5], mask)
+    assert torch.equal(extended[0, :, 5:], mask[0][:, [1, 4]]) and torch.equal(extended[1, :, 5:], mask[1][:, [0, 0]])
+    broadcast = extend_mask(mask[:1, None], columns)  # one mask for every row, a heads dimension
+    assert broadcast.shape == (2, 1, 3, 7) and torch.equal(broadcast[1, 0, :, 5:], mask[0][:, [0, 0]])
