@@ -31,6 +31,9 @@ FLUX_BLOCKS = (JointBlocks("double_block", "double", "double_blocks", "skip_mmdi
 
 
 QWEN_BLOCKS = (JointBlocks("double_block", "double", "transformer_blocks"),)
+# NextDiT (Z-Image) has no block replacement; its forward names each main layer in
+# transformer_options["block_index"] (ComfyUI 0.8 and newer), which CSA reads instead.
+NEXTDIT_LAYERS = (JointBlocks("", "double", "layers"),)
 LATE_HALF = "late half"  # a default: the second half of the joint blocks (no preset names it)
 
 
@@ -42,6 +45,9 @@ class DiTFamily:
     default_blocks: str  # what the preset 'output' stands for on this family: a preset, or LATE_HALF
     references: str | None = None  # the model input holding reference latents (Kontext), never shared
     token_dim: int | None = 2  # of q/k/v at the attention call; None: the host version decides (rank)
+    named_by_host: bool = False  # blocks named by the host's transformer_options["block_index"], not marked
+    rope_embedder: str = "pe_embedder"  # the diffusion model's EmbedND
+    pads_image: bool = False  # the image tokens are padded to a multiple of the model's pad_tokens_multiple
 
     def resolve_blocks(self, config: CSAConfig, diffusion_model) -> CSAConfig:
         """``config`` with the UNet default ('output') turned into this family's default."""
@@ -64,14 +70,23 @@ class DiTFamily:
         """The model's patch size and RoPE. Every listed family embeds positions with Flux's
         ``EmbedND`` (index, row, column[, ...]), ``axes_dim`` dimensions each: the column is axis 2
         (Qwen-Image centres rows and columns; a shift by whole columns is exact all the same)."""
-        embedder = diffusion_model.pe_embedder
+        embedder = getattr(diffusion_model, self.rope_embedder)
         return diffusion_model.patch_size, RoPE(tuple(embedder.axes_dim), float(embedder.theta), 2)
 
-    def call_layout(self, patch_size: int, rope: RoPE | None, x, kwargs: dict) -> TokenLayout:
+    def padding(self, diffusion_model) -> int:
+        """The multiple the image tokens are padded to (1: none)."""
+        return (getattr(diffusion_model, "pad_tokens_multiple", None) or 1) if self.pads_image else 1
+
+    def call_layout(self, patch_size: int, rope: RoPE | None, x, kwargs: dict, padding: int = 1) -> TokenLayout:
         """The tokens of a model call on latents ``x`` with model inputs ``kwargs``; ``rope`` None
-        keeps shared keys where they are."""
+        keeps shared keys where they are; ``padding``: the image tokens are padded to its multiple."""
+        if self.named_by_host and kwargs.get("ref_latents"):
+            raise ConsistentAttentionError(
+                f"{self.name} with reference images puts them before the panel's image; Consistent Self-Attention "
+                "does not support that layout yet. Remove the reference images or this node."
+            )
         references = [tuple(ref.shape[-2:]) for ref in (kwargs.get(self.references) or ())] if self.references else ()
-        return dit_layout(tuple(x.shape[-2:]), patch_size, references, rope, self.token_dim)
+        return dit_layout(tuple(x.shape[-2:]), patch_size, references, rope, self.token_dim, padding)
 
 
 FAMILIES = (
@@ -82,13 +97,16 @@ FAMILIES = (
     # Qwen-Image and Qwen-Image-Edit: one config; its blocks are all double-stream. Its q/k/v are
     # [rows, tokens, heads * D] on ComfyUI 0.3.64 and [rows, heads, tokens, D] on newer hosts.
     DiTFamily("Qwen-Image", ("QwenImage",), QWEN_BLOCKS, LATE_HALF, references="ref_latents", token_dim=None),
+    # Z-Image (ComfyUI 0.8+): [caption + pads, image + pads] per main layer, blocks named by the host.
+    DiTFamily("Z-Image", ("ZImage",), NEXTDIT_LAYERS, LATE_HALF, named_by_host=True, rope_embedder="rope_embedder",
+              pads_image=True),
 )
 
 # Families people run that are known and not supported yet, and why (the error says so).
 NOT_YET = {
     "SD3": "SD3 / SD3.5",
     "Lumina2": "Lumina 2 (its blocks cannot be marked: ComfyUI has no block replacement for them)",
-    "ZImage": "Z-Image (its blocks cannot be marked, and it pads captions and images with extra tokens)",
+    "ZImagePixelSpace": "Z-Image pixel space",
     "HiDream": "HiDream (image tokens first, and its blocks cannot be marked)",
 }
 

@@ -30,7 +30,7 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
         super().__init__(config, cast, panels_per_call, references)
         self.family = family
         self.key_positions = key_positions
-        self.geometry = None  # (patch size, RoPE) of the model, read by install
+        self.geometry = None  # (patch size, RoPE, image padding) of the model, read by install
         self.chosen = frozenset()  # the model's blocks CSA runs in, (kind, index), set by install
 
     def install(self, model) -> None:
@@ -42,7 +42,7 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
                 "Consistent Self-Attention does not support that layout yet."
             )
         self.config = self.family.resolve_blocks(self.config, diffusion_model)  # 'output': the family's default
-        self.geometry = self.family.geometry(diffusion_model)
+        self.geometry = self.family.geometry(diffusion_model) + (self.family.padding(diffusion_model),)
         self.chosen = frozenset(layer for layer in self.family.running_blocks(diffusion_model)
                                 if self.config.patches_block(*layer))
         if not self.chosen:
@@ -58,6 +58,8 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
         """Every joint block names itself before its attention."""
         diffusion_model = model.get_model_object("diffusion_model")
         replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        if self.family.named_by_host:
+            return  # the host names each block in transformer_options (see attention)
         for blocks, index in self.family.joint_blocks(diffusion_model):
             marker = BlockMarker((blocks.kind, index), replaced.get((blocks.replace_name, index)))
             model.set_model_patch_replace(marker, "dit", blocks.replace_name, index)
@@ -73,8 +75,18 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
             )
 
     def call_layout(self, x, kwargs: dict):
-        patch_size, rope = self.geometry
-        return self.family.call_layout(patch_size, rope if self.key_positions == "shifted" else None, x, kwargs)
+        patch_size, rope, padding = self.geometry
+        return self.family.call_layout(patch_size, rope if self.key_positions == "shifted" else None, x, kwargs, padding)
+
+    def attention(self, func, q, k, v, heads, *args, **kwargs):
+        """A family whose blocks the host names (``block_index``): the block comes from the call's
+        options; calls without one (Z-Image's refiners) run plain."""
+        if self.family.named_by_host:
+            options = kwargs.get("transformer_options") or {}
+            state, index = options.get(STATE_KEY), options.get("block_index")
+            if state is not None and index is not None and state.pending is None:
+                state.expect(((self.family.blocks[0].kind, index), 0), None)
+        return super().attention(func, q, k, v, heads, *args, **kwargs)
 
     def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         options = dict(transformer_options)

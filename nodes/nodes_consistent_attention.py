@@ -25,8 +25,9 @@ class ConsistentSelfAttention(io.ComfyNode):
                 "StoryDiffusion's Consistent Self-Attention: the panels of one batch share identity. In each "
                 "self-attention layer a panel also attends to tokens sampled from the other panels of the batch "
                 "(cond only with cond, uncond only with uncond), so characters, faces and clothes stay the same. "
-                "Training-free; SD1.5 and SDXL families (UNets) and the Flux family (DiTs: Flux.1 dev/schnell/Kontext, "
-                "where only image tokens are shared). Give the sampler one latent per panel. With Story "
+                "Training-free; SD1.5 and SDXL families (UNets) and these DiTs, recognised by ComfyUI's model config: "
+                f"{', '.join(family.name for family in FAMILIES)} (on a DiT only each panel's own image tokens are "
+                "shared, never text or reference-image tokens). Give the sampler one latent per panel. With Story "
                 "Prompts' story connected, panels share by character instead: each character's first single-character "
                 "panels are its identity panels, every other panel reads only the identity panels of the characters "
                 "it names, [NC] panels read nothing, and long stories run a few panels per model call."
@@ -37,7 +38,7 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "rate_fine", default=0.5, min=0.0, max=1.0, step=0.05,
                     tooltip="Share of each other panel's tokens attended to in fine layers (at least a quarter of the "
                     "latent's tokens; SDXL's 64x64 grid at 1024 px, the official 'sa64'). 0 turns these layers off. "
-                    "On a DiT (Flux): the share of image tokens in every chosen block.",
+                    "On a DiT: the share of image tokens in every chosen block.",
                 ),
                 io.Float.Input(
                     "rate_coarse", default=0.5, min=0.0, max=1.0, step=0.05,
@@ -53,13 +54,16 @@ class ConsistentSelfAttention(io.ComfyNode):
                 io.Combo.Input(
                     "blocks", options=["output", "all", "custom", "single-stream", "double-stream"], default="output",
                     tooltip="Where CSA runs. UNet: 'output' = the decoder blocks (as the official app); 'all' = every "
-                    "self-attention layer. DiT (Flux): 'output' or 'single-stream' = the single-stream blocks (as "
-                    "CharaConsist), 'double-stream', or 'all'. 'custom' = the blocks listed in custom_blocks.",
+                    "self-attention layer. DiT: 'output' = the family's default: the single-stream blocks on Flux.1, "
+                    "Flux.2, Chroma and Chroma Radiance (as CharaConsist), the second half of the blocks on Qwen-Image "
+                    "(all of them double-stream); 'single-stream', 'double-stream', or 'all'. 'custom' = the blocks "
+                    "listed in custom_blocks.",
                 ),
                 io.String.Input(
                     "custom_blocks", default="output 0-5", multiline=False,
                     tooltip="Used when blocks is 'custom': comma-separated entries such as 'output 0-5, middle 0, "
-                    "input 7' (a UNet, ComfyUI's block numbering) or 'single 0-37, double 10-18' (Flux).",
+                    "input 7' (a UNet, ComfyUI's block numbering) or 'single 0-37, double 10-18' (a DiT; Qwen-Image's "
+                    "blocks are 'double 0-59').",
                 ),
                 io.Combo.Input(
                     "schedule", options=["official", "always"], default="official",
@@ -100,9 +104,10 @@ class ConsistentSelfAttention(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "key_positions", options=list(KEY_POSITIONS), default="shifted", optional=True,
-                    tooltip="DiT (Flux) only; ignored on a UNet. The shared keys carry their panel's RoPE positions: "
-                    "'shifted' moves them one image width to the right (an exact re-rotation), so they never sit on "
-                    "the reader's own positions; 'as is' keeps them.",
+                    tooltip="DiT only; ignored on a UNet. The shared keys carry their panel's RoPE positions: "
+                    "'shifted' moves them one image width to the right (an exact re-rotation with the family's own "
+                    "RoPE axes and theta; every supported DiT family has one), so they never sit on the reader's own "
+                    "positions; 'as is' keeps them.",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],

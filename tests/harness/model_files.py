@@ -158,6 +158,11 @@ TINY_DITS = {
 }
 TINY_DITS["QwenImage"] = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 2, "attention_head_dim": 128,
                           "num_attention_heads": 1, "joint_attention_dim": 32}
+TINY_DITS["ZImage"] = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32,
+                       "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "qk_norm": True,
+                       "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+                       "ffn_dim_multiplier": 8 / 3, "z_image_modulation": True, "time_scale": 1000.0,
+                       "pad_tokens_multiple": 32}
 TINY_DITS["ChromaRadiance"] = dict(
     TINY_DITS["Chroma"], image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
     nerf_hidden_size=16, nerf_mlp_ratio=4, nerf_depth=1, nerf_max_freqs=8, nerf_tile_size=0,
@@ -172,24 +177,12 @@ _NEWER_PARAMS = {"txt_ids_dims": [], "vec_in_dim": None, "use_x0": False, "use_s
 def tiny_dit(config_name: str, seed: int = 0):
     """A random-weight ModelPatcher of ComfyUI's ``supported_models.<config_name>`` at the tiny
     layout above (float32), built and wrapped exactly as ComfyUI's loaders build and wrap models."""
-    import dataclasses
-    import importlib
-
     import_comfyui()
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    config_class = getattr(comfy.supported_models, config_name)
-    unet_config = dict(TINY_DITS[config_name])
-    if config_name in _PARAMS:  # a Params dataclass whose fields differ between hosts
-        module, _, params_name = _PARAMS[config_name].rpartition(".")
-        fields = {field.name for field in dataclasses.fields(getattr(importlib.import_module(module), params_name))}
-        unet_config.update({name: value for name, value in _NEWER_PARAMS.items()
-                            if name in fields and name not in unet_config})
-        for name in [name for name in unet_config if name != "image_model" and name not in fields]:
-            unet_config.pop(name)  # a field this host does not have
-    model_config = config_class(unet_config)
+    model_config = getattr(comfy.supported_models, config_name)(host_unet_config(config_name, TINY_DITS[config_name]))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device="meta")
     state_dict = _random_state_dict(model.diffusion_model, seed, torch.float32)
@@ -198,3 +191,19 @@ def tiny_dit(config_name: str, seed: int = 0):
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=comfy.model_management.unet_offload_device())
 
+
+def host_unet_config(config_name: str, unet_config: dict) -> dict:
+    """``unet_config`` fitted to this host's Params dataclass: fields newer hosts require are
+    added with their neutral values, fields this host does not know are dropped."""
+    import dataclasses
+    import importlib
+
+    unet_config = dict(unet_config)
+    if config_name in _PARAMS:  # a Params dataclass whose fields differ between hosts
+        module, _, params_name = _PARAMS[config_name].rpartition(".")
+        fields = {field.name for field in dataclasses.fields(getattr(importlib.import_module(module), params_name))}
+        unet_config.update({name: value for name, value in _NEWER_PARAMS.items()
+                            if name in fields and name not in unet_config})
+        for name in [name for name in unet_config if name != "image_model" and name not in fields]:
+            unet_config.pop(name)  # a field this host does not have
+    return unet_config

@@ -310,3 +310,13 @@ def test_custom_blocks_that_reach_no_self_attention_are_refused(comfy, loaded):
         with pytest.raises(ValueError, match=r"blocks with self-attention: input 1, 3, middle 0, output 2, 3, 4, 5"):
             patch(comfy, model, blocks="custom", custom_blocks=blocks)
     assert patch(comfy, model, blocks="custom", custom_blocks="output 0-2") is not model, "reaches output 2: fine"
+
+
+def test_a_layer_whose_tokens_changed_after_planning_is_an_error_not_plain_attention(comfy, loaded):
+    """A node after CSA that downsamples the keys and values (as ToDo does) leaves a planned layer
+    with other shapes: CSA names the layer and the shapes instead of quietly running plain attention."""
+    model, clip = loaded("sd15_small")
+    merged = patch(comfy, model).clone()
+    merged.set_model_attn1_patch(lambda n, context, value, extra: (n, context[:, ::2], value[:, ::2]))
+    with pytest.raises(ValueError, match=r"cannot extend layer \(\('output', \d+\), 0\): its attention call has queries"):
+        sample(comfy, merged, clip, steps=1)

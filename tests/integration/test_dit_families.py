@@ -36,6 +36,7 @@ FAMILIES = {
     "ChromaRadiance": (3, 64, 64, 32),
     "Flux2": (128, 4, 96, 32),
     "QwenImage": (16, 8, 32, None),  # latents [B, 16, 1, h, w] (Wan 2.1's VAE)
+    "ZImage": (16, 8, 32, None),  # 16 image tokens padded to 32
 }
 VIDEO_LATENTS = {"QwenImage"}
 
@@ -113,6 +114,27 @@ def probed(model):
     return model, probe
 
 
+def padding(model, name: str, image: int) -> int:
+    """Z-Image pads a panel's image tokens to a multiple of 32 with tokens that are not its picture."""
+    multiple = getattr(model.model.diffusion_model, "pad_tokens_multiple", None) if name == "ZImage" else None
+    return -image % multiple if multiple else 0
+
+
+def call_tokens(model, name: str, text: int, image: int) -> int:
+    """Tokens of a joint attention call with a prompt of ``text`` tokens, as the family builds it."""
+    if name == "Flux2":
+        return 512 + image  # Flux.2's conds pad every prompt to 512 tokens
+    if name == "ZImage":
+        return text + -text % 32 + image + padding(model, name, image)  # caption and image padded to 32
+    return text + image
+
+
+def joint_calls(probe):
+    """The joint (text + image) attention calls: the longest ones (Z-Image's refiners are shorter)."""
+    longest = max(call[1] for call in probe.calls)
+    return [call for call in probe.calls if call[1] == longest]
+
+
 def text_of(call, image: int, trailing: int = 0) -> int:
     return call[1] - image - trailing
 
@@ -134,17 +156,18 @@ def test_default_blocks_read_the_other_panels_image_tokens_only(comfy, dit, rate
     image = image_tokens(model, name)
     patched, probe = probed(patch(comfy, model, rate_fine=rate))
     sample(comfy, name, patched)
-    first, last = probe.calls  # one joint attention per block
+    first, last = joint_calls(probe)  # one joint attention per block
     assert first[0] is None and first[2].shape[2] == first[1], "the first block is left alone"
     rows, tokens, keys, _, state = last
-    text = text_of(last, image)
+    assert state.layout.trailing == padding(model, name, image)
+    text = text_of(last, image, state.layout.trailing)
     assert text >= TEXT and state.extended == 1, "CSA counted the one layer it extended"
     count = round(rate * image)
     assert keys.shape[2] == tokens + (PANELS - 1) * count, "rate x panels read x image tokens"
     for row, (_, panel) in enumerate(rows):
         extra = keys[row, :, tokens:].reshape(keys.shape[1], PANELS - 1, count, -1)
         for j, other in enumerate(p for p in range(PANELS) if p != panel):
-            source = keys[rows.index((0, other)), :, text:tokens]
+            source = keys[rows.index((0, other)), :, text:text + image]
             matches = (extra[:, j, :, None] == source[:, None]).all(-1).any(-1)
             assert matches.all(), f"panel {panel} reads image tokens of panel {other}"
             if rate == 1.0:
@@ -157,14 +180,14 @@ def test_cond_rows_never_read_uncond_rows(comfy, dit):
     image = image_tokens(model, name)
     patched, probe = probed(patch(comfy, model, blocks="all"))
     sample(comfy, name, patched, cfg=3.0)
-    for call in probe.calls:
+    for call in joint_calls(probe):
         rows, tokens, keys, _, _ = call
         assert sorted({chunk for chunk, _ in rows}) == [0, 1]
-        text = text_of(call, image)
+        text = text_of(call, image, padding(model, name, image))
         for row, (chunk, panel) in enumerate(rows):
             extra = keys[row, :, tokens:].reshape(keys.shape[1], PANELS - 1, image, -1)
             for j, other in enumerate(p for p in range(PANELS) if p != panel):
-                assert torch.equal(extra[:, j], keys[rows.index((chunk, other)), :, text:tokens])
+                assert torch.equal(extra[:, j], keys[rows.index((chunk, other)), :, text:text + image])
 
 
 def test_shifted_keys_are_the_familys_rope_one_image_width_right(comfy, dit):
@@ -174,20 +197,22 @@ def test_shifted_keys_are_the_familys_rope_one_image_width_right(comfy, dit):
 
     name, model = dit
     diffusion_model = model.model.diffusion_model
-    axes, theta = list(diffusion_model.pe_embedder.axes_dim), diffusion_model.pe_embedder.theta
+    embedder = getattr(diffusion_model, "rope_embedder", None) or diffusion_model.pe_embedder
+    axes, theta = list(embedder.axes_dim), embedder.theta
     rows, columns = patch_grid(*latent(name).shape[-2:], diffusion_model.patch_size)
     patched = patch(comfy, model, key_positions="shifted")
-    csa = patched.get_wrappers("apply_model", "consistent_story.csa")[0].__self__
+    csa = csa_of(patched)
     layout = csa.call_layout(latent(name), {})
     assert layout.image == rows * columns and csa.geometry[1].axes_dim == tuple(axes)
+    assert csa.geometry[1].theta == theta
     ids = torch.zeros(1, rows * columns, len(axes))
     ids[0, :, 1] = torch.arange(rows * columns) // columns
     ids[0, :, 2] = torch.arange(rows * columns) % columns
     shifted = ids.clone()
     shifted[0, :, 2] += columns
     raw = torch.randn(2, 1, rows * columns, sum(axes), generator=torch.Generator().manual_seed(3))
-    rotated, _ = apply_rope(raw, raw, embed(diffusion_model, ids))
-    direct, _ = apply_rope(raw, raw, embed(diffusion_model, shifted))
+    rotated, _ = apply_rope(raw, raw, embed(embedder, ids))
+    direct, _ = apply_rope(raw, raw, embed(embedder, shifted))
     torch.testing.assert_close(layout.key_shift(rotated), direct, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layout.key_shift(rotated), rope_shift(tuple(axes), theta, 2, columns)(rotated))
     heads_last = rotated.transpose(1, 2).flatten(2)  # [rows, tokens, heads * D], Qwen-Image's layout on 0.3.64
@@ -195,9 +220,14 @@ def test_shifted_keys_are_the_familys_rope_one_image_width_right(comfy, dit):
     assert (direct - rotated).abs().max() > 0.1, "the shift moves the keys"
 
 
-def embed(diffusion_model, ids):
+def csa_of(patched):
+    """The Consistent Self-Attention patch installed on ``patched``."""
+    return patched.get_wrappers("apply_model", "consistent_story.csa")[0].__self__
+
+
+def embed(embedder, ids):
     """The model's own position embedding of ``ids``, as ``[rows, 1, tokens, ...]`` for apply_rope."""
-    pe = diffusion_model.pe_embedder(ids)
+    pe = embedder(ids)
     return pe if pe.shape[1] == 1 else pe.movedim(2, 1)
 
 
@@ -210,12 +240,12 @@ def test_rate_one_equals_a_float64_reference(comfy, dit):
     def reference(func, q, k, v, heads, *args, **kwargs):
         if q.ndim == 3:  # [rows, tokens, heads * D]
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-        text = q.shape[2] - image
+        text = q.shape[2] - image - padding(model, name, image)
         out = []
         for row in range(q.shape[0]):
             others = [r for r in range(q.shape[0]) if r != row]
-            keys = torch.cat([k[row]] + [k[r, :, text:] for r in others], dim=1).double()
-            vals = torch.cat([v[row]] + [v[r, :, text:] for r in others], dim=1).double()
+            keys = torch.cat([k[row]] + [k[r, :, text:text + image] for r in others], dim=1).double()
+            vals = torch.cat([v[row]] + [v[r, :, text:text + image] for r in others], dim=1).double()
             weights = (q[row].double() @ keys.transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1)
             out.append((weights @ vals).transpose(0, 1).reshape(q.shape[2], -1))
         return torch.stack(out).to(q.dtype)
@@ -229,21 +259,32 @@ def test_rate_one_equals_a_float64_reference(comfy, dit):
                 self.first = args["denoised"].clone()
             return args["denoised"]
 
-    def single_only(override):
-        def replace(args, extra):
-            return extra["original_block"]({**args, "transformer_options": dict(
-                args["transformer_options"], optimized_attention_override=override)})
-        return replace
+    class LastBlockOnly(SharedAcrossClones):
+        """The reference in the model's last joint block, plain attention elsewhere. Blocks are its
+        attention calls in order, or (Z-Image) the block_index the host names (refiners have none)."""
+
+        def __init__(self, override, blocks, named_by_host):
+            self.override, self.blocks, self.named_by_host, self.calls = override, blocks, named_by_host, 0
+
+        def __call__(self, func, q, k, v, heads, *args, **kwargs):
+            if self.named_by_host:
+                last = (kwargs.get("transformer_options") or {}).get("block_index") == self.blocks - 1
+            else:
+                self.calls += 1
+                last = self.calls % self.blocks == 0
+            if last:
+                return self.override(func, q, k, v, heads, *args, **kwargs)
+            return func(q, k, v, heads, *args, **kwargs)
 
     def prediction(model, override=None):
         model = model.clone()
         recorder = FirstPrediction()
         model.set_model_sampler_post_cfg_function(recorder)
         if override is not None:
-            blocks = model.model.diffusion_model
-            last = "single_block" if hasattr(blocks, "single_blocks") else "double_block"
-            count = len(blocks.single_blocks if last == "single_block" else blocks.transformer_blocks)
-            model.set_model_patch_replace(single_only(override), "dit", last, count - 1)
+            family = csa_of(patch(comfy, model)).family
+            blocks = len(family.joint_blocks(model.model.diffusion_model))
+            model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = \
+                LastBlockOnly(override, blocks, family.named_by_host)
         sample(comfy, name, model)
         return recorder.first
 
@@ -289,7 +330,7 @@ def test_story_rules_identity_panels_read_each_other(comfy, dit, per_call):
     sources = {0: {2}, 2: {0}, 1: {3}, 3: {1}, 4: {0, 1, 2, 3}, 5: set()}
     patched, probe = probed(patch(comfy, model, story=story, panels_per_call=per_call))
     sample(comfy, name, patched, panels=panels, cfg=2.0)
-    assert identity_segments(probe, sources, image) == 2 * panels
+    assert identity_segments(probe, sources, image, padding(model, name, image)) == 2 * panels
 
 
 def test_reference_rows_find_their_image_tokens_whatever_their_prompt_length(comfy, dit):
@@ -297,7 +338,7 @@ def test_reference_rows_find_their_image_tokens_whatever_their_prompt_length(com
     prompt longer or shorter than the panels', its panels read its image tokens, never text."""
     name, model = dit
     image = image_tokens(model, name)
-    for text in (TEXT + 5, TEXT - 3):
+    for text in (TEXT + 30, TEXT - 3):  # +30: past the 32 tokens Z-Image pads a caption to
         story = parse_story("[Bob] a man\n[Bob] walks\n[Bob] runs\n[NC] a forest", "No style")
         latents = torch.randn(latent(name, 1).shape, generator=torch.Generator().manual_seed(7))
         reference = CharacterReference("Bob", latents, conditioning(name, 1, 8, text=text),
@@ -308,16 +349,19 @@ def test_reference_rows_find_their_image_tokens_whatever_their_prompt_length(com
         reference_calls = [call for call in probe.calls if call[0] and call[0][0][1] == 3]
         panel_calls = [call for call in probe.calls if call[0] and call[0][0][1] != 3]
         assert reference_calls and panel_calls
-        if name != "Flux2":  # Flux.2's conds pad every prompt to 512 tokens
-            assert {call[1] for call in reference_calls} == {text + image} != {call[1] for call in panel_calls}
-        assert identity_segments(probe, {0: {3}, 1: {3}, 2: set(), 3: set()}, image) > 0
+        assert {call[1] for call in reference_calls} == {call_tokens(model, name, text, image)}
+        assert {call[1] for call in panel_calls} == {call_tokens(model, name, TEXT, image)}
+        assert identity_segments(probe, {0: {3}, 1: {3}, 2: set(), 3: set()}, image, padding(model, name, image)) > 0
 
 
-def test_a_block_replaced_after_csa_is_an_error_not_a_no_op(comfy, dit):
+@pytest.mark.parametrize("name", [name for name in host_families() if name != "ZImage"])  # Z-Image: nothing to replace
+def test_a_block_replaced_after_csa_is_an_error_not_a_no_op(comfy, name):
     """A node after CSA that replaces a block CSA runs in would silently switch CSA off there."""
-    name, model = dit
+    from harness.model_files import tiny_dit
+
+    model = tiny_dit(name)
     patched = patch(comfy, model).clone()
-    csa = patched.get_wrappers("apply_model", "consistent_story.csa")[0].__self__
+    csa = csa_of(patched)
     (kind, index), = csa.chosen
     replace_name = next(b.replace_name for b in csa.family.blocks if b.kind == kind)
     patched.set_model_patch_replace(lambda args, extra: extra["original_block"](args), "dit", replace_name, index)
