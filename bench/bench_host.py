@@ -42,6 +42,9 @@ def import_comfy(comfy_dir: Path, cpu: bool):
 
     args.cpu = cpu
     args.preview_method = LatentPreviewMethod.NoPreviews
+    if not cpu and hasattr(args, "disable_dynamic_vram"):  # ComfyUI 0.2x+: estimate-based loading, weights kept
+        args.disable_dynamic_vram = True
+        args.highvram = True
     import comfy.model_management  # noqa: F401  (reads args now)
     import comfy.sample  # noqa: F401
     import comfy.samplers  # noqa: F401
@@ -104,9 +107,16 @@ def build_flux(tiny: bool, seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models
 
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
     device = mm.get_torch_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = comfy.supported_models.Flux(dict(FLUX_DEV, depth=1, depth_single_blocks=1) if tiny else FLUX_DEV)
+    layout = dict(FLUX_DEV, depth=1, depth_single_blocks=1) if tiny else dict(FLUX_DEV)
+    if "txt_ids_dims" in {field.name for field in dataclasses.fields(FluxParams)}:
+        layout["txt_ids_dims"] = []  # ComfyUI 0.8 and newer: a required field (Flux.1: no text positions)
+    config = comfy.supported_models.Flux(layout)
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)
     init_random_(model.diffusion_model, seed)

@@ -54,6 +54,7 @@ class FluxBench:
         self.args, self.torch = args, torch
         self.cuda = mm.get_torch_device().type == "cuda"
         self.dit_patch = bench_host.load_csa_patch_module("dit_patch")
+        self.families = bench_host.load_csa_patch_module("dit_families")
         self.engine = sys.modules[f"{bench_host.PACK_NAME}.attention"]
         self.base = bench_host.build_flux(args.tiny)
         unet = self.base.model.diffusion_model
@@ -68,7 +69,8 @@ class FluxBench:
         model = self.base.clone()
         if preset != "vanilla":
             config = self.engine.CSAConfig(rate_fine=0.5, rate_coarse=0.5, blocks=preset, schedule="always")
-            self.dit_patch.DiTAttentionPatch(config, key_positions="shifted").install(model)
+            family = self.families.dit_family(model)
+            self.dit_patch.DiTAttentionPatch(family, config, key_positions="shifted").install(model)
         if probe is not None:
             model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = probe
         return model
