@@ -7,6 +7,7 @@ a few panels at a time if need be (``rows``).
 """
 from .cast import MAX_IDENTITY_PANELS, BatchCast, StoryCast
 from .config import DIT_DEFAULT_PRESET, ConsistentAttentionError, CSAConfig, parse_block_list
+from .kernels import KERNELS, KernelChoice
 from .layers import downsample_factor
 from .planner import CallPlanner, layer_seed, panels_per_chunk
 from .rows import call_rows, index_tensor, take_rows
@@ -22,6 +23,8 @@ __all__ = [
     "CSAConfig",
     "ConsistentAttentionError",
     "GatherPlan",
+    "KERNELS",
+    "KernelChoice",
     "MAX_IDENTITY_PANELS",
     "Step",
     "StoryCall",

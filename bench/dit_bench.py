@@ -55,7 +55,8 @@ FAMILIES = {
 TINY = {"Flux.1 dev": dict(depth=1, depth_single_blocks=1), "Chroma": dict(depth=1, depth_single_blocks=1),
         "Flux.2 klein 4B": dict(depth=1, depth_single_blocks=1), "Qwen-Image": dict(num_layers=2),
         "Z-Image": dict(n_layers=2, n_refiner_layers=1)}
-RUNS = ("vanilla", "output", "all")  # 'output' = the family's default blocks
+# (blocks, attention kernel of the extended calls); 'output' = the family's default blocks
+RUNS = (("vanilla", "host"), ("output", "host"), ("output", "fastest"), ("all", "fastest"))
 
 
 class ExtendedCounter:
@@ -113,11 +114,12 @@ class DiTBench:
         latent = torch.zeros(self.args.panels, channels, *((frames,) if frames else ()), side, side)
         return positive, latent
 
-    def model(self, base, blocks: str, probe=None):
+    def model(self, base, blocks: str, kernel: str = "host", probe=None):
         model = base.clone()
         if blocks != "vanilla":
             config = self.engine.CSAConfig(rate_fine=0.5, rate_coarse=0.5, blocks=blocks, schedule="always")
-            patch = self.dit_patch.DiTAttentionPatch(self.families.dit_family(model), config, key_positions="shifted")
+            patch = self.dit_patch.DiTAttentionPatch(self.families.dit_family(model), config, key_positions="shifted",
+                                                     attention_kernel=kernel)
             patch.install(model)
         if probe is not None:
             model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = probe
@@ -131,15 +133,14 @@ class DiTBench:
             return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
                                        disable_pbar=True, seed=7)
 
-    def run(self, name: str, base, blocks: str) -> dict:
+    def run(self, name: str, base, blocks: str, kernel: str) -> dict:
         torch = self.torch
         positive, latent = self.inputs(name)
         counter = ExtendedCounter()
-        self.sample(self.model(base, blocks, counter), positive, latent, 1)
-        chosen = 0 if blocks == "vanilla" else len(self.model(base, blocks).get_wrappers(
-            "apply_model", "consistent_story.csa")[0].__self__.chosen)
+        self.sample(self.model(base, blocks, "host", counter), positive, latent, 1)
+        model = self.model(base, blocks, kernel)
+        patch = None if blocks == "vanilla" else model.get_wrappers("apply_model", "consistent_story.csa")[0].__self__
         timer = StepTimer(self.cuda)
-        model = self.model(base, blocks)
         model.set_model_unet_function_wrapper(timer)
         self.sample(model, positive, latent, 1)  # warm-up
         timer.take_ms()
@@ -148,29 +149,34 @@ class DiTBench:
             torch.cuda.reset_peak_memory_stats()
         out = self.sample(model, positive, latent, self.args.steps)
         ms = timer.take_ms()
-        return {"blocks": blocks, "ms_per_step": statistics.median(ms), "ms": ms,
+        return {"blocks": blocks, "kernel": kernel, "ms_per_step": statistics.median(ms), "ms": ms,
                 "peak_bytes": torch.cuda.max_memory_allocated() if self.cuda else 0,
                 "finite": bool(torch.isfinite(out).all()),
-                "extended": max((state.extended for state in counter.states), default=0), "chosen": chosen}
+                "extended": max((state.extended for state in counter.states), default=0),
+                "chosen": 0 if patch is None else len(patch.chosen),
+                "kernels": sorted(set(patch.kernels.chosen.values())) if patch is not None else []}
 
 
 def rows(results: dict) -> list[list[str]]:
     body = []
     for name, family in results["families"].items():
-        vanilla = family["runs"].get("vanilla", {})
-        for blocks, run in family["runs"].items():
+        vanilla = family["runs"].get("vanilla/host", {})
+        for key, run in family["runs"].items():
+            blocks = key.split("/")[0]
             if "error" in run:
-                body.append([name, blocks, run["error"], "", "", "", "", ""])
+                body.append([name, key, run["error"], "", "", "", "", "", ""])
                 continue
             time_ratio = run["ms_per_step"] / vanilla["ms_per_step"] if vanilla.get("ms_per_step") else float("nan")
             peak_ratio = run["peak_bytes"] / vanilla["peak_bytes"] if vanilla.get("peak_bytes") else float("nan")
             label = "default" if blocks == "output" else blocks
-            body.append([name, label, f"{family['params'] / 1e9:.1f}", f"{run['ms_per_step']:.1f}", f"{time_ratio:.3f}x",
-                         f"{run['peak_bytes'] / 2**30:.2f}", f"{peak_ratio:.3f}x", f"{run['extended']}/{run['chosen']}"])
+            kernels = ", ".join(run.get("kernels") or []) or "host"
+            body.append([name, label, run.get("kernel", "host") + f" ({kernels})", f"{family['params'] / 1e9:.1f}",
+                         f"{run['ms_per_step']:.1f}", f"{time_ratio:.3f}x", f"{run['peak_bytes'] / 2**30:.2f}",
+                         f"{peak_ratio:.3f}x", f"{run['extended']}/{run['chosen']}"])
     return body
 
 
-HEADER = ["family", "blocks", "params (B)", "ms/call", "x vanilla", "peak GiB", "peak x vanilla", "layers extended / chosen"]
+HEADER = ["family", "blocks", "extended calls' kernel (chosen)", "params (B)", "ms/call", "x vanilla", "peak GiB", "peak x vanilla", "layers extended / chosen"]
 
 
 def generated_block(results: dict) -> str:
@@ -214,12 +220,13 @@ def main(argv=None) -> int:
                 continue
             base = bench.build(name)
             family = results["families"][name] = {"params": sum(p.numel() for p in base.model.parameters()), "runs": {}}
-            for blocks in RUNS:
+            for blocks, kernel in RUNS:
+                key = f"{blocks}/{kernel}"
                 try:
-                    family["runs"][blocks] = bench.run(name, base, blocks)
+                    family["runs"][key] = bench.run(name, base, blocks, kernel)
                 except bench.torch.OutOfMemoryError as error:
-                    family["runs"][blocks] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
-                print(name, blocks, {k: v for k, v in family["runs"][blocks].items() if k != "ms"}, flush=True)
+                    family["runs"][key] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
+                print(name, key, {k: v for k, v in family["runs"][key].items() if k != "ms"}, flush=True)
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
             del base
             if bench.cuda:

@@ -17,7 +17,7 @@ Nothing persists between calls; the patch object holds only frozen options, and 
 """
 from __future__ import annotations
 
-from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, Step, StoryCall, StoryCast, locate_step
+from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, KernelChoice, Step, StoryCall, StoryCast, locate_step
 from .story_calls import run_story_call
 
 STATE_KEY = "consistent_story.csa"
@@ -107,11 +107,13 @@ def check_panel_batch(executor, noise, *args, story_panels: int | None = None, *
 class ConsistentAttentionPatch:
     """Frozen options of one CSA node: ``cast`` None = batch mode (every panel reads the others)."""
 
-    def __init__(self, config: CSAConfig, cast: StoryCast | None = None, panels_per_call: int = 0, references=()):
+    def __init__(self, config: CSAConfig, cast: StoryCast | None = None, panels_per_call: int = 0, references=(),
+                 attention_kernel: str = "fastest"):
         self.config = config
         self.cast = cast
         self.panels_per_call = panels_per_call
         self.references = tuple(references)  # CharacterReference per character with images, in cast order
+        self.kernels = KernelChoice(attention_kernel)  # which kernel runs the calls CSA extends
 
     def __deepcopy__(self, memo):
         return self  # immutable: every clone of the model shares this patch
@@ -227,6 +229,9 @@ class ConsistentAttentionPatch:
                 call_kwargs = {**call_kwargs, "transformer_options": {**options, ROWS_KEY: rows}}
             if state.chained_override is not None:
                 return state.chained_override(func, q, k, v, heads, *args, **call_kwargs)
+            if k.shape[-2 if k.ndim == 4 else 1] > q.shape[-2 if q.ndim == 4 else 1]:  # a call CSA extended
+                return self.kernels.attend(func, lambda: func(q, k, v, heads, *args, **call_kwargs), q, k, v, heads,
+                                           call_kwargs)
             return func(q, k, v, heads, *args, **call_kwargs)
 
         if pending is None:

@@ -24,10 +24,10 @@ KEY_POSITIONS = ("shifted", "as is")
 
 class DiTAttentionPatch(ConsistentAttentionPatch):
     def __init__(self, family: DiTFamily, config, cast=None, panels_per_call: int = 0, references=(),
-                 key_positions: str = "shifted"):
+                 key_positions: str = "shifted", attention_kernel: str = "fastest"):
         if key_positions not in KEY_POSITIONS:
             raise ConsistentAttentionError(f"key_positions must be one of {KEY_POSITIONS}, got {key_positions!r}.")
-        super().__init__(config, cast, panels_per_call, references)
+        super().__init__(config, cast, panels_per_call, references, attention_kernel)
         self.family = family
         self.key_positions = key_positions
         self.geometry = None  # (patch size, RoPE, image padding) of the model, read by install

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from comfy_api.v0_0_2 import io
 
-from ..attention import MAX_IDENTITY_PANELS, ConsistentAttentionError, CSAConfig, parse_block_list
+from ..attention import KERNELS, MAX_IDENTITY_PANELS, ConsistentAttentionError, CSAConfig, parse_block_list
 from .csa_patch import ConsistentAttentionPatch
 from .dit_families import FAMILIES, dit_family
 from .dit_patch import KEY_POSITIONS, DiTAttentionPatch
@@ -109,6 +109,14 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "RoPE axes and theta; every supported DiT family has one), so they never sit on the reader's own "
                     "positions; 'as is' keeps them.",
                 ),
+                io.Combo.Input(
+                    "attention_kernel", options=list(KERNELS), default="fastest", optional=True,
+                    tooltip="The attention kernel of the calls CSA extends (their keys are longer). 'fastest': where "
+                    "ComfyUI runs PyTorch's SDPA on a CUDA GPU, CSA times ComfyUI's own call against SDPA with "
+                    "cuDNN's kernel first, once per shape, and runs the faster (never slower than ComfyUI's; on "
+                    "Hopper cuDNN is about twice as fast there). 'host': always ComfyUI's own choice. Calls CSA does "
+                    "not extend always keep ComfyUI's kernel. On a CPU, or another attention backend, both are the same.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
         )
@@ -116,7 +124,7 @@ class ConsistentSelfAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, rate_fine, rate_coarse, window, blocks, custom_blocks, schedule,
                 start_percent, end_percent, seed, story=None, identity_panels=DEFAULT_IDENTITY_PANELS,
-                panels_per_call=0, key_positions="shifted") -> io.NodeOutput:
+                panels_per_call=0, key_positions="shifted", attention_kernel="fastest") -> io.NodeOutput:
         config = CSAConfig(
             rate_fine=rate_fine,
             rate_coarse=rate_coarse,
@@ -143,9 +151,10 @@ class ConsistentSelfAttention(io.ComfyNode):
         patched = model.clone()
         references = story.references if story is not None else ()
         if family is not None:
-            DiTAttentionPatch(family, config, cast, panels_per_call, references, key_positions).install(patched)
+            DiTAttentionPatch(family, config, cast, panels_per_call, references, key_positions,
+                              attention_kernel).install(patched)
         else:
-            ConsistentAttentionPatch(config, cast, panels_per_call, references).install(patched)
+            ConsistentAttentionPatch(config, cast, panels_per_call, references, attention_kernel).install(patched)
         return io.NodeOutput(patched)
 
 
