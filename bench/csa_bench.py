@@ -4,7 +4,8 @@ For each panel count it samples with ComfyUI's own KSampler path (euler, CFG 5, 
 call carries both CFG halves: ``panels * 2`` rows) and times every UNet call with CUDA events:
   vanilla  - the unpatched model;
   ours     - ``ConsistentAttentionPatch`` installed on a clone (schedule "always", rate 0.5/0.5,
-             output blocks);
+             output blocks), its extended calls on the fastest kernel measured (attention_kernel 'fastest');
+  ours_host - the same with ComfyUI's own kernel for every call (attention_kernel 'host');
   dense    - the official formulation, one dense boolean mask per CFG half (bench/dense_mask.py);
   probe_*  - ours with parts of its per-layer overhead removed, to see what they cost.
 It also checks that CSA reached every output-block self-attention layer, that outputs are finite
@@ -29,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_host  # noqa: E402
 import report  # noqa: E402
 
-VARIANTS = ("vanilla", "ours", "dense", "probe_nosync")
+VARIANTS = ("vanilla", "ours", "ours_host", "dense", "probe_nosync")
 # (variant, panels, window); vanilla and dense have no window.
 FULL_RUNS = (
     ("vanilla", 2, 0), ("ours", 2, 0), ("dense", 2, 0),
-    ("vanilla", 4, 0), ("ours", 4, 0), ("dense", 4, 0), ("probe_nosync", 4, 0),
-    ("vanilla", 8, 0), ("ours", 8, 4), ("ours", 8, 0), ("dense", 8, 0), ("probe_nosync", 8, 4),
+    ("vanilla", 4, 0), ("ours", 4, 0), ("ours_host", 4, 0), ("dense", 4, 0), ("probe_nosync", 4, 0),
+    ("vanilla", 8, 0), ("ours", 8, 4), ("ours_host", 8, 4), ("ours", 8, 0), ("dense", 8, 0), ("probe_nosync", 8, 4),
 )
 PROFILED = (("vanilla", 4, 0), ("ours", 4, 0), ("dense", 4, 0), ("vanilla", 8, 0), ("ours", 8, 4))
 LAYER_COST_CASES = ((4, 0), (8, 4), (8, 0))
@@ -164,8 +165,9 @@ class Bench:
 
     def model(self, variant: str, window: int, timer=None):
         model = self.base.clone()
-        if variant in ("ours", "probe_nosync"):
-            self.csa_patch.ConsistentAttentionPatch(self.config(window)).install(model)
+        if variant in ("ours", "ours_host", "probe_nosync"):
+            kernel = "host" if variant == "ours_host" else "fastest"
+            self.csa_patch.ConsistentAttentionPatch(self.config(window), attention_kernel=kernel).install(model)
         elif variant == "dense":
             self.dense = self.dense_mask.DenseMaskCSA(self.config(window), self.engine.downsample_factor)
             self.dense.install(model, output_blocks=len(self.base.model.diffusion_model.output_blocks))

@@ -51,10 +51,20 @@ FAMILIES = {
                            "qk_norm": True, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
                            "ffn_dim_multiplier": 8 / 3, "z_image_modulation": True, "time_scale": 1000.0,
                            "pad_tokens_multiple": 32}, (16, 8, None), (128, 2560), None),
+    # SD3.5 Large: 38 joint blocks, 38 heads of 64, RMS q/k norms; 77 CLIP + 77 T5 tokens.
+    "SD3.5 Large": ("SD3", {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "out_channels": 16,
+                            "depth": 38, "input_size": None, "adm_in_channels": 2048, "num_patches": 36864,
+                            "pos_embed_max_size": 192, "qk_norm": "rms", "x_block_self_attn_layers": [],
+                            "context_embedder_config": {"target": "torch.nn.Linear",
+                                                        "params": {"in_features": 4096, "out_features": 2432}}},
+                    (16, 8, None), (154, 4096), 2048),
 }
 TINY = {"Flux.1 dev": dict(depth=1, depth_single_blocks=1), "Chroma": dict(depth=1, depth_single_blocks=1),
         "Flux.2 klein 4B": dict(depth=1, depth_single_blocks=1), "Qwen-Image": dict(num_layers=2),
-        "Z-Image": dict(n_layers=2, n_refiner_layers=1)}
+        "Z-Image": dict(n_layers=2, n_refiner_layers=1),
+        "SD3.5 Large": dict(depth=2, num_patches=256, pos_embed_max_size=16,
+                            context_embedder_config={"target": "torch.nn.Linear",
+                                                     "params": {"in_features": 4096, "out_features": 128}})}
 # (blocks, attention kernel of the extended calls); 'output' = the family's default blocks
 RUNS = (("vanilla", "host"), ("output", "host"), ("output", "fastest"), ("all", "fastest"))
 
@@ -118,8 +128,9 @@ class DiTBench:
         model = base.clone()
         if blocks != "vanilla":
             config = self.engine.CSAConfig(rate_fine=0.5, rate_coarse=0.5, blocks=blocks, schedule="always")
-            patch = self.dit_patch.DiTAttentionPatch(self.families.dit_family(model), config, key_positions="shifted",
-                                                     attention_kernel=kernel)
+            family = self.families.dit_family(model)
+            positions = "as is" if family.rope_embedder is None else "shifted"  # SD3: no RoPE to shift by
+            patch = self.dit_patch.DiTAttentionPatch(family, config, key_positions=positions, attention_kernel=kernel)
             patch.install(model)
         if probe is not None:
             model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = probe
@@ -184,7 +195,7 @@ def generated_block(results: dict) -> str:
     lines = [BEGIN, "", f"Machine: {env['gpu']}, torch {env['torch']}, ComfyUI {env['comfyui']}, attention "
              f"`{env['comfy_attention']}`, SDPA order {env.get('sdpa_priority') or 'torch default'}. Each family's "
              f"released layout, random bf16 weights, {s['panels']} panels at {s['size']}x{s['size']}, no CFG, euler, "
-             f"median of {s['steps']} timed model calls, rate 0.5, CSA on every call, shifted key positions.", ""]
+             f"median of {s['steps']} timed model calls, rate 0.5, CSA on every call, shifted key positions (SD3.5: as is, it has no RoPE).", ""]
     lines += markdown_table(HEADER, rows(results)) + ["", END]
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ END = "<!-- csa_bench: end of generated block -->"
 LABELS = {
     "vanilla": "vanilla (unpatched)",
     "ours": "ours (ConsistentAttentionPatch)",
+    "ours_host": "ours, every call on ComfyUI's own kernel",
     "dense": "official formulation (dense mask)",
     "probe_nosync": "probe: ours without the sigma sync",
 }

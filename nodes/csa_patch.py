@@ -219,6 +219,8 @@ class ConsistentAttentionPatch:
         if args:  # ComfyUI's attention functions take (q, k, v, heads, mask=None, ...): name the mask
             kwargs = {**kwargs, "mask": args[0]}
             args = args[1:]
+        if q.ndim == 3 and v.ndim == 4:  # SD3: v per head, q and k [rows, tokens, heads * D]; the backends take either
+            v = v.flatten(2)
         mask = kwargs.get("mask")
 
         def attend(q, k, v, rows=None, mask=mask):

@@ -31,6 +31,7 @@ FLUX_BLOCKS = (JointBlocks("double_block", "double", "double_blocks", "skip_mmdi
 
 
 QWEN_BLOCKS = (JointBlocks("double_block", "double", "transformer_blocks"),)
+MMDIT_BLOCKS = (JointBlocks("double_block", "double", "joint_blocks"),)
 # NextDiT (Z-Image) has no block replacement; its forward names each main layer in
 # transformer_options["block_index"] (ComfyUI 0.8 and newer), which CSA reads instead.
 NEXTDIT_LAYERS = (JointBlocks("", "double", "layers"),)
@@ -46,7 +47,7 @@ class DiTFamily:
     references: str | None = None  # the model input holding reference latents (Kontext), never shared
     token_dim: int | None = 2  # of q/k/v at the attention call; None: the host version decides (rank)
     named_by_host: bool = False  # blocks named by the host's transformer_options["block_index"], not marked
-    rope_embedder: str = "pe_embedder"  # the diffusion model's EmbedND
+    rope_embedder: str | None = "pe_embedder"  # the diffusion model's EmbedND; None: positions added to the input
     pads_image: bool = False  # the image tokens are padded to a multiple of the model's pad_tokens_multiple
 
     def resolve_blocks(self, config: CSAConfig, diffusion_model) -> CSAConfig:
@@ -70,6 +71,8 @@ class DiTFamily:
         """The model's patch size and RoPE. Every listed family embeds positions with Flux's
         ``EmbedND`` (index, row, column[, ...]), ``axes_dim`` dimensions each: the column is axis 2
         (Qwen-Image centres rows and columns; a shift by whole columns is exact all the same)."""
+        if self.rope_embedder is None:
+            return diffusion_model.patch_size, None
         embedder = getattr(diffusion_model, self.rope_embedder)
         return diffusion_model.patch_size, RoPE(tuple(embedder.axes_dim), float(embedder.theta), 2)
 
@@ -97,6 +100,9 @@ FAMILIES = (
     # Qwen-Image and Qwen-Image-Edit: one config; its blocks are all double-stream. Its q/k/v are
     # [rows, tokens, heads * D] on ComfyUI 0.3.64 and [rows, heads, tokens, D] on newer hosts.
     DiTFamily("Qwen-Image", ("QwenImage",), QWEN_BLOCKS, LATE_HALF, references="ref_latents", token_dim=None),
+    # SD3 / SD3.5: [context, image] in every joint block; learned absolute positions, no RoPE, so
+    # shared keys cannot be moved ('as is' only); q and k are [rows, tokens, heads * D], v per head.
+    DiTFamily("SD3 / SD3.5", ("SD3",), MMDIT_BLOCKS, LATE_HALF, token_dim=1, rope_embedder=None),
     # Z-Image (ComfyUI 0.8+): [caption + pads, image + pads] per main layer, blocks named by the host.
     DiTFamily("Z-Image", ("ZImage",), NEXTDIT_LAYERS, LATE_HALF, named_by_host=True, rope_embedder="rope_embedder",
               pads_image=True),
@@ -104,7 +110,6 @@ FAMILIES = (
 
 # Families people run that are known and not supported yet, and why (the error says so).
 NOT_YET = {
-    "SD3": "SD3 / SD3.5",
     "Lumina2": "Lumina 2 (its blocks cannot be marked: ComfyUI has no block replacement for them)",
     "ZImagePixelSpace": "Z-Image pixel space",
     "HiDream": "HiDream (image tokens first, and its blocks cannot be marked)",

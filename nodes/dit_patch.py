@@ -43,6 +43,11 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
             )
         self.config = self.family.resolve_blocks(self.config, diffusion_model)  # 'output': the family's default
         self.geometry = self.family.geometry(diffusion_model) + (self.family.padding(diffusion_model),)
+        if self.key_positions == "shifted" and self.geometry[1] is None:
+            raise ConsistentAttentionError(
+                f"{self.family.name} has no rotary position embedding (its positions are added to the image tokens "
+                "before the first block), so the shared keys cannot be moved: set key_positions to 'as is'."
+            )
         self.chosen = frozenset(layer for layer in self.family.running_blocks(diffusion_model)
                                 if self.config.patches_block(*layer))
         if not self.chosen:

@@ -55,8 +55,8 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "blocks", options=["output", "all", "custom", "single-stream", "double-stream"], default="output",
                     tooltip="Where CSA runs. UNet: 'output' = the decoder blocks (as the official app); 'all' = every "
                     "self-attention layer. DiT: 'output' = the family's default: the single-stream blocks on Flux.1, "
-                    "Flux.2, Chroma and Chroma Radiance (as CharaConsist), the second half of the blocks on Qwen-Image "
-                    "(all of them double-stream); 'single-stream', 'double-stream', or 'all'. 'custom' = the blocks "
+                    "Flux.2, Chroma and Chroma Radiance (as CharaConsist), the second half of the blocks on Qwen-Image, "
+                    "SD3 / SD3.5 (all of them double-stream) and Z-Image; 'single-stream', 'double-stream', or 'all'. 'custom' = the blocks "
                     "listed in custom_blocks.",
                 ),
                 io.String.Input(
@@ -106,8 +106,8 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "key_positions", options=list(KEY_POSITIONS), default="shifted", optional=True,
                     tooltip="DiT only; ignored on a UNet. The shared keys carry their panel's RoPE positions: "
                     "'shifted' moves them one image width to the right (an exact re-rotation with the family's own "
-                    "RoPE axes and theta; every supported DiT family has one), so they never sit on the reader's own "
-                    "positions; 'as is' keeps them.",
+                    "RoPE axes and theta), so they never sit on the reader's own positions; 'as is' keeps them. SD3 / "
+                    "SD3.5 adds its positions to the tokens instead of rotating keys: no exact shift exists, use 'as is'.",
                 ),
                 io.Combo.Input(
                     "attention_kernel", options=list(KERNELS), default="fastest", optional=True,

@@ -163,6 +163,11 @@ TINY_DITS["ZImage"] = {"image_model": "lumina2", "patch_size": 2, "in_channels":
                        "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
                        "ffn_dim_multiplier": 8 / 3, "z_image_modulation": True, "time_scale": 1000.0,
                        "pad_tokens_multiple": 32}
+TINY_DITS["SD3"] = {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "out_channels": 16, "depth": 2,
+                    "input_size": None, "adm_in_channels": 2048, "num_patches": 256, "pos_embed_max_size": 16,
+                    "context_embedder_config": {"target": "torch.nn.Linear",
+                                                "params": {"in_features": 4096, "out_features": 128}},
+                    "x_block_self_attn_layers": []}
 TINY_DITS["ChromaRadiance"] = dict(
     TINY_DITS["Chroma"], image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
     nerf_hidden_size=16, nerf_mlp_ratio=4, nerf_depth=1, nerf_max_freqs=8, nerf_tile_size=0,

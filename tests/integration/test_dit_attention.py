@@ -231,15 +231,13 @@ def test_unsupported_models_are_named(comfy, loaded):
 
 
 def test_a_family_without_support_is_named(comfy):
-    """An SD3 MMDiT (ComfyUI's own class, two joint blocks, built on the meta device: never run)."""
+    """A Lumina 2 NextDiT (ComfyUI's own class, built on the meta device: never run)."""
     from comfy.model_patcher import ModelPatcher
-    from comfy.supported_models import SD3
+    from comfy.supported_models import Lumina2
 
-    config = SD3({
-        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
-        "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "num_patches": 36864, "pos_embed_max_size": 192,
-        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
-    })
-    sd3 = ModelPatcher(config.get_model({}, device="meta"), load_device="cpu", offload_device="cpu")
-    with pytest.raises(ValueError, match=r"these DiT families: Flux.1, .*; this model is SD3 / SD3.5 \(ComfyUI config SD3"):
-        patch(comfy, sd3)
+    config = Lumina2({"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 192, "cap_feat_dim": 32,
+                      "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "qk_norm": True,
+                      "axes_dims": [32, 32, 32], "axes_lens": [300, 512, 512]})
+    lumina = ModelPatcher(config.get_model({}, device="meta"), load_device="cpu", offload_device="cpu")
+    with pytest.raises(ValueError, match=r"these DiT families: Flux.1, .*; this model is Lumina 2 .*\(ComfyUI config Lumina2"):
+        patch(comfy, lumina)

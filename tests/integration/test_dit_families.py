@@ -1,7 +1,8 @@
 """Consistent Self-Attention on every Flux-type DiT family the host has, each as ComfyUI builds it.
 
 Each family is a tiny random-weight model of ComfyUI's own config class (``supported_models``:
-Flux, Chroma, ChromaRadiance on both hosts; Flux2 where the host has it), run by a real sampler.
+Flux, Chroma, ChromaRadiance, QwenImage, SD3 on both hosts; Flux2 and ZImage where the host has
+them), run by a real sampler.
 A probe chained after CSA's attention override records every joint attention call (its rows as
 CSA names them, its keys and mask), so the tests check token by token what each row read: the
 other panels' image tokens only (never text or reference tokens), exactly rate x panels read x
@@ -37,6 +38,7 @@ FAMILIES = {
     "Flux2": (128, 4, 96, 32),
     "QwenImage": (16, 8, 32, None),  # latents [B, 16, 1, h, w] (Wan 2.1's VAE)
     "ZImage": (16, 8, 32, None),  # 16 image tokens padded to 32
+    "SD3": (16, 8, 4096, 2048),  # CLIP-L + G pooled
 }
 VIDEO_LATENTS = {"QwenImage"}
 
@@ -192,11 +194,16 @@ def test_cond_rows_never_read_uncond_rows(comfy, dit):
 
 def test_shifted_keys_are_the_familys_rope_one_image_width_right(comfy, dit):
     """The patch's geometry is the model's, and its re-rotation equals ComfyUI's own RoPE (the
-    model's pe_embedder, apply_rope) at positions one image width to the right."""
+    model's pe_embedder, apply_rope) at positions one image width to the right. SD3 has no RoPE:
+    'shifted' is refused there, naming 'as is'."""
     from comfy.ldm.flux.math import apply_rope
 
     name, model = dit
     diffusion_model = model.model.diffusion_model
+    if name == "SD3":  # positions added to the input: no exact shift, and CSA says so
+        with pytest.raises(ValueError, match="has no rotary position embedding .* set key_positions to 'as is'"):
+            patch(comfy, model, key_positions="shifted")
+        return
     embedder = getattr(diffusion_model, "rope_embedder", None) or diffusion_model.pe_embedder
     axes, theta = list(embedder.axes_dim), embedder.theta
     rows, columns = patch_grid(*latent(name).shape[-2:], diffusion_model.patch_size)
@@ -238,8 +245,8 @@ def test_rate_one_equals_a_float64_reference(comfy, dit):
     image = image_tokens(model, name)
 
     def reference(func, q, k, v, heads, *args, **kwargs):
-        if q.ndim == 3:  # [rows, tokens, heads * D]
-            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        if q.ndim == 3:  # [rows, tokens, heads * D] (SD3's v: [rows, tokens, heads, D])
+            q, k, v = (t.reshape(*t.shape[:2], heads, -1).transpose(1, 2) for t in (q, k, v))
         text = q.shape[2] - image - padding(model, name, image)
         out = []
         for row in range(q.shape[0]):
