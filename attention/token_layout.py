@@ -56,24 +56,27 @@ class TokenLayout:
         return text, self.image
 
     def take(self, t: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Tokens ``positions[i]`` (``[W, count]``, absolute) of rows ``rows[i]``:
-        ``[W, count, C]`` or ``[W, heads, count, D]``."""
+        """Tokens ``positions[i]`` (``[W, count]``, absolute) of rows ``rows[i]``, token-major:
+        ``[W, count, C]`` or ``[W, count, heads, D]``. One ``index_select`` over the tokens: a DiT's
+        ``[rows, heads, tokens, D]`` is a view of a token-major projection, so seen token-major it
+        needs no copy, and gathering whole tokens is many times cheaper than indexing per head."""
+        tokens = t.shape[self.token_dim]
+        flat = (rows * tokens)[:, None] + positions
         if self.token_dim == 1:
-            tokens = t.shape[1]
-            flat = (rows * tokens)[:, None] + positions
-            taken = t.reshape(-1, t.shape[-1]).index_select(0, flat.reshape(-1))
-            return taken.view(positions.shape[0], positions.shape[1], t.shape[-1])
-        return t[rows[:, None], :, positions].transpose(1, 2).contiguous()  # [W, count, H, D] -> [W, H, count, D]
+            token_major = t.reshape(-1, t.shape[-1])
+        else:
+            token_major = t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1])
+        taken = token_major.index_select(0, flat.reshape(-1))
+        return taken.view(*positions.shape, *taken.shape[1:])
 
     def extend(self, own: torch.Tensor, stored: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
-        """``own`` tokens followed by the banked tokens of each row's sources (``bank_rows`` ``[G, n]``)."""
+        """``own`` tokens followed by the banked tokens (token-major, ``[slots, count, ...]``) of each
+        row's sources (``bank_rows`` ``[G, n]``): one gather, one concatenation."""
         rows, sources = bank_rows.shape
         extra = stored.index_select(0, bank_rows.reshape(-1))
-        if self.token_dim == 1:
-            extra = extra.view(rows, -1, own.shape[-1])
-        else:
-            heads, count, dim = extra.shape[1:]
-            extra = extra.view(rows, sources, heads, count, dim).transpose(1, 2).reshape(rows, heads, -1, dim)
+        extra = extra.view(rows, sources * stored.shape[1], *stored.shape[2:])
+        if self.token_dim == 2:
+            extra = extra.transpose(1, 2)  # [G, heads, n * count, D], a view
         return torch.cat([own, extra], dim=self.token_dim)
 
 
