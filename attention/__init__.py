@@ -14,7 +14,7 @@ from .rows import call_rows, index_tensor, take_rows
 from .schedule import Step, layer_active, locate_step, mix_seed, step_in_range
 from .story_attention import StoryCall
 from .token_layout import RoPE, TokenLayout, dit_layout, extend_mask, patch_grid, rope_shift
-from .tokens import GatherPlan, append_reference, neighbour_table, plan_gather, sampled_count
+from .tokens import neighbour_table, sampled_count
 
 __all__ = [
     "BatchCast",
@@ -22,7 +22,6 @@ __all__ = [
     "DIT_DEFAULT_PRESET",
     "CSAConfig",
     "ConsistentAttentionError",
-    "GatherPlan",
     "KERNELS",
     "KernelChoice",
     "MAX_IDENTITY_PANELS",
@@ -31,7 +30,6 @@ __all__ = [
     "StoryCast",
     "RoPE",
     "TokenLayout",
-    "append_reference",
     "call_rows",
     "index_tensor",
     "dit_layout",
@@ -45,7 +43,6 @@ __all__ = [
     "panels_per_chunk",
     "parse_block_list",
     "patch_grid",
-    "plan_gather",
     "rope_shift",
     "sampled_count",
     "step_in_range",

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cast import StoryCast
+from .cast import BatchCast, StoryCast
 from .config import ConsistentAttentionError, CSAConfig
-from .planner import CallPlanner
+from .planner import CallPlanner, panels_per_chunk
 from .schedule import Step
 from .story_attention import StoryCall
-from .tokens import GatherPlan
 
 
 @dataclass(frozen=True)
@@ -104,32 +103,21 @@ class ConsistentAttentionState:
         self.step = Step(0, 1)
         self.latent_hw: tuple[int, int] | None = None
         self.planner: CallPlanner | None = None  # one per UNet call, as in ComfyUI
-        self.story: StoryCall | None = None  # story mode: this UNet call's identity bank
+        self.story: StoryCall | None = None  # who reads whom in this UNet call (one engine for both modes)
         self.layers: list[LayerId] = []
         self._undo: list = []
 
-    def plan(self, layer: LayerId, hidden_states: torch.Tensor) -> GatherPlan | None:
-        """The gather for this layer in the current UNet call, or None where it runs plain attention."""
-        if self.planner is None:
-            raise ConsistentAttentionError(
-                "Consistent Self-Attention runs inside a UNet call: call the UNet, not its layers."
-            )
-        return self.planner.plan(
-            layer.block, layer.block_index, rows=hidden_states.shape[0], chunks=self.chunks,
-            tokens=hidden_states.shape[1], latent_hw=self.latent_hw, device=hidden_states.device,
-        )
-
     def story_active(self, layer: LayerId, hidden_states: torch.Tensor) -> bool:
-        """Story mode: whether this layer shares identity tokens in the current UNet call."""
+        """Whether this layer shares tokens in the current UNet call."""
         if self.story is None:
             raise ConsistentAttentionError(
                 "Consistent Self-Attention runs inside a UNet call: call the UNet, not its layers."
             )
         rows = hidden_states.shape[0]
-        if rows != self.chunks * self.cast.panels:
+        if rows != self.chunks * self.story.cast.panels:
             raise ConsistentAttentionError(
-                f"the story has {self.cast.panels} panels and chunks is {self.chunks}, so a UNet call needs "
-                f"{self.chunks * self.cast.panels} rows; got {rows}. Give one prompt per panel."
+                f"the story has {self.story.cast.panels} panels and chunks is {self.chunks}, so a UNet call needs "
+                f"{self.chunks * self.story.cast.panels} rows; got {rows}. Give one prompt per panel."
             )
         return self.planner.rate(layer.block, layer.block_index, hidden_states.shape[1], self.latent_hw) > 0
 
@@ -142,7 +130,8 @@ class ConsistentAttentionState:
         if timesteps is not None and timestep is not None and len(timesteps):
             self.step = nearest_step(timestep, timesteps)
         self.planner = CallPlanner(self.config, self.step)
-        self.story = None if self.cast is None else StoryCall(self.planner, self.cast, self.chunks)
+        cast = self.cast or BatchCast.of(panels_per_chunk(sample.shape[0], self.chunks), self.config.window)
+        self.story = StoryCall(self.planner, cast, self.chunks, keep_bank=False)  # one call holds every panel
 
     def remove(self) -> None:
         """Give every attn1 its previous processor back and stop observing the UNet."""
@@ -169,13 +158,8 @@ class ConsistentSelfAttnProcessor:
     # The same parameters as AttnProcessor2_0: diffusers filters cross_attention_kwargs by them.
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         state = self.state
-        plan = story = None
-        if encoder_hidden_states is None:  # attn1 fed another context (only_cross_attention): left alone, as in ComfyUI
-            if state.cast is None:
-                plan = state.plan(self.layer, hidden_states)
-            elif state.story_active(self.layer, hidden_states):
-                story = state.story
-        if plan is None and story is None:
+        # attn1 fed another context (only_cross_attention) is left alone, as in ComfyUI
+        if encoder_hidden_states is not None or not state.story_active(self.layer, hidden_states):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         plain = hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None
         if attention_mask is not None or not plain:
@@ -184,18 +168,15 @@ class ConsistentSelfAttnProcessor:
                 "non-token input, which CSA does not extend. Leave this block out of the config's blocks."
             )
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if story is None:
-            out = _attend(attn, query, plan.extend(key), plan.extend(value))
-        else:
-            panels = tuple(range(state.cast.panels))
 
-            def attend(q, k, v, rows, mask):
-                return _attend(attn, q, k, v)
+        def attend(q, k, v, rows, mask):
+            return _attend(attn, q, k, v)
 
-            layer = (self.layer.block, self.layer.block_index)
-            out = story.attention(layer, panels, query, key, value, state.latent_hw, attend)
-            if out is None:
-                out = _attend(attn, query, key, value)
+        layer = (self.layer.block, self.layer.block_index)
+        panels = tuple(range(state.story.cast.panels))
+        out = state.story.attention(layer, panels, query, key, value, state.latent_hw, attend)
+        if out is None:
+            out = _attend(attn, query, key, value)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states

@@ -130,6 +130,10 @@ class StoryCall:
             out.index_copy_(0, group.rows, result)
         return out
 
+    def reads(self, panels: tuple[int, ...], device) -> bool:
+        """Whether any row of the sub-call over ``panels`` reads shared tokens (its keys grow)."""
+        return any(group.bank_rows is not None for group in self._sub_call_rows(panels, device).groups)
+
     def _write(self, layer, rows: SubCallRows, k, v, count: int, layout: TokenLayout, first: int) -> None:
         shared = layout.shared_tokens(k.shape[layout.token_dim])[1]
         positions = self._sampled_positions(shared, count, k.device) + first  # [slots, count]

@@ -256,29 +256,42 @@ class Bench:
         return dict(groups)
 
     def layer_costs(self, panels: int, window: int) -> list[dict]:
-        """Isolated cost of one output-block attn1 layer: attention at Lk = L and at L + extra,
-        the k/v gather, and building the plan (host clock, synchronised)."""
+        """Isolated cost of one output-block attn1 layer: attention at Lk = L and at L + extra, the
+        engine's work around it (shared tokens written, gathered and appended: ``gather_kv``), and
+        building a call's row plan (host clock, synchronised: ``plan_host``)."""
         import comfy.ldm.modules.attention as attention
 
-        torch = self.torch
+        torch, engine = self.torch, self.engine
         rows, dtype = 2 * panels, (torch.float16 if self.cuda else torch.float32)
+        config = engine.CSAConfig(rate_fine=0.5, rate_coarse=0.5, window=window, blocks="all", schedule="always")
         out = []
         for (tokens, width, heads), layers in self.attn1_groups().items():
             q, k, v = (torch.randn(rows, tokens, width, device=self.device, dtype=dtype) for _ in range(3))
 
-            def plan():
-                return self.engine.plan_gather(2, panels, tokens, 0.5, window, seed=7, device=self.device)
+            def call():
+                return engine.StoryCall(engine.CallPlanner(config, engine.Step(0, 1)), engine.BatchCast.of(panels, window),
+                                        2, keep_bank=False)
 
-            gather = plan()
-            k_ext, v_ext = gather.extend(k), gather.extend(v)
+            def extend(story=None):
+                seen = {}
+
+                def attend(q_, k_, v_, names, mask):
+                    seen["k"], seen["v"] = k_, v_
+                    return q_
+
+                (story or call()).attention((("output", 0), 0), tuple(range(panels)), q, k, v, None, attend)
+                return seen["k"], seen["v"]
+
+            story = call()
+            k_ext, v_ext = extend(story)
             costs = {
                 "attention_plain": self.device_ms(lambda: attention.optimized_attention(q, k, v, heads)),
                 "attention_extended": self.device_ms(lambda: attention.optimized_attention(q, k_ext, v_ext, heads)),
-                "gather_kv": self.device_ms(lambda: (gather.extend(k), gather.extend(v))),
-                "plan_host": self.host_ms(plan),
+                "gather_kv": self.device_ms(lambda: extend(story)),
+                "plan_host": self.host_ms(lambda: call()._sub_call_rows(tuple(range(panels)), self.device)),
             }
             out.append({"tokens": tokens, "width": width, "heads": heads, "layers": layers,
-                        "extended_tokens": tokens + gather.extra, "ms_per_layer": costs})
+                        "extended_tokens": k_ext.shape[1], "ms_per_layer": costs})
         return out
 
     def device_ms(self, fn, repeat: int = 20) -> float:

@@ -3,21 +3,25 @@
 Small pieces cooperate, all namespaced and all stackable with other packs:
 - an OUTER_SAMPLE wrapper: refuses a prompt batch that does not match the latent batch;
 - an APPLY_MODEL wrapper: once per model call, finds the sampling step from the sigmas and puts
-  a fresh per-call ``CallState`` (with the engine's ``CallPlanner``) into (a copy of)
-  ``transformer_options``;
-- an attn1 patch (``set_model_attn1_patch``): per self-attention layer, asks the planner whether
-  CSA runs there (block, schedule, rows) and if so leaves its ``GatherPlan`` in the state;
+  a fresh per-call ``CallState`` (with the engine's ``CallPlanner`` and ``StoryCall``) into (a
+  copy of) ``transformer_options``;
+- an attn1 patch (``set_model_attn1_patch``): each self-attention layer names itself in the state;
 - an ``optimized_attention_override`` (chained to any override already present): the attention
-  call right after attn1 takes that plan and extends the *projected* keys and values, so no
-  extra projection work is done and ComfyUI's own attention backend still runs, unmasked.
-With a story (``StoryCast``) the APPLY_MODEL wrapper runs the call panel subset by panel subset
-(``story_calls.py``) and the override reads the characters' identity tokens instead; a
-PREPARE_SAMPLING wrapper sizes ComfyUI's model load for one such subset, not the whole story.
+  call right after attn1 asks the engine's ``StoryCall`` for that layer, which extends the
+  *projected* keys and values with the tokens its rows read, so no extra projection work is done
+  and ComfyUI's own attention backend still runs, unmasked.
+One engine serves both modes: without a story every panel reads its neighbours (``BatchCast``);
+with one (``StoryCast``) the characters decide, and the APPLY_MODEL wrapper runs the call panel
+subset by panel subset (``story_calls.py``); a PREPARE_SAMPLING wrapper sizes ComfyUI's model load
+for one such subset, not the whole story.
 Nothing persists between calls; the patch object holds only frozen options, and clones share it.
 """
 from __future__ import annotations
 
-from ..attention import CallPlanner, ConsistentAttentionError, CSAConfig, KernelChoice, Step, StoryCall, StoryCast, locate_step
+from ..attention import (
+    BatchCast, CallPlanner, ConsistentAttentionError, CSAConfig, KernelChoice, Step, StoryCall, StoryCast, locate_step,
+    panels_per_chunk,
+)
 from .story_calls import run_story_call
 
 STATE_KEY = "consistent_story.csa"
@@ -32,11 +36,11 @@ OVERRIDE_KEY = "optimized_attention_override"
 class CallState:
     """One model call (or story sub-call): its planner, and what waits for the next attention call.
 
-    ``pending`` is ``(layer, detail)`` for the layer whose attention comes next: ``layer`` is
-    ((block, index), transformer index); ``detail`` the layer's GatherPlan (None: plain attention)
-    in batch mode, its latent size in story mode. Story mode: ``story`` is the call's
-    ``StoryCall``, ``panels`` the sub-call's panels, ``layout`` its tokens (a DiT's; None on a UNet). ``extended`` counts the layers
-    whose keys this call extended: the tests read it, and it makes a no-op visible.
+    ``pending`` is ``(layer, latent_hw)`` for the layer whose attention comes next: ``layer`` is
+    ((block, index), transformer index), ``latent_hw`` None on a DiT (one resolution). ``story``
+    is the call's ``StoryCall``, ``panels`` the sub-call's panels, ``layout`` its tokens (a DiT's;
+    None on a UNet). ``extended`` counts the layers whose keys this call extended: the tests and
+    benches read it, and it makes a no-op visible.
     """
 
     __slots__ = ("planner", "pending", "chained_override", "story", "panels", "layout", "extended", "reached",
@@ -151,14 +155,19 @@ class ConsistentAttentionPatch:
         planner = CallPlanner(self.config, current_step(options))
         if self.cast is not None:
             return run_story_call(self, planner, executor, x, t, c_concat, c_crossattn, control, options, **kwargs)
-        self.prepare(options, planner)
+        chunks = len(options.get("cond_or_uncond") or [0])
+        panels = panels_per_chunk(x.shape[0], chunks)
+        story = self.story_call(planner, chunks, 0, x, c_crossattn, keep_bank=False)
+        self.prepare(options, planner, story, tuple(range(panels)), self.call_layout(x, kwargs))
         return self.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
 
     def story_call(self, planner: CallPlanner, chunks: int, first_chunk: int, x, c_crossattn,
                    keep_bank: bool = True) -> StoryCall:
-        """The identity bank and reads of one model call (or of one chunk of it); ``keep_bank`` False
-        when a single sub-call writes and reads every layer's bank (it is then dropped at once)."""
-        return StoryCall(planner, self.cast, chunks, first_chunk, keep_bank=keep_bank)
+        """Who reads whom in one model call (or one chunk of it): the story's cast, or without one
+        every panel its neighbours. ``keep_bank`` False when a single sub-call writes and reads
+        every layer's shared tokens (each layer's are then dropped right after it)."""
+        cast = self.cast if self.cast is not None else BatchCast.of(x.shape[0] // chunks, self.config.window)
+        return StoryCall(planner, cast, chunks, first_chunk, keep_bank=keep_bank)
 
     def call_layout(self, x, kwargs: dict):
         """The token layout of a model call with latents ``x`` and model inputs ``kwargs``: None
@@ -186,26 +195,14 @@ class ConsistentAttentionPatch:
         """After a call: every block CSA chose named itself (a DiT's blocks are known in advance)."""
 
     def __call__(self, n, context, value, extra_options):
-        """attn1 patch: plan the gather for this layer (story: name it), or clear any stale plan."""
+        """attn1 patch: name this layer, whose attention call comes next."""
         state = extra_options.get(STATE_KEY)
         if state is None:
             return n, context, value
         block = extra_options.get("block")
         if block is None or attn1_replaced(state, extra_options, block):
             return n, context, value  # another node's attention replaces this layer's (PAG, SAG): not CSA's to extend
-        layer = (block, extra_options.get("block_index", 0))
-        if state.story is not None:
-            state.expect(layer, tuple(extra_options["original_shape"][-2:]))
-        else:
-            state.expect(layer, state.planner.plan(
-                block,
-                extra_options.get("block_index", 0),
-                rows=n.shape[0],
-                chunks=len(extra_options.get("cond_or_uncond") or [0]),
-                tokens=n.shape[1],
-                latent_hw=tuple(extra_options["original_shape"][-2:]),
-                device=n.device,
-            ))
+        state.expect((block, extra_options.get("block_index", 0)), tuple(extra_options["original_shape"][-2:]))
         return n, context, value
 
     def attention(self, func, q, k, v, heads, *args, **kwargs):
@@ -238,21 +235,16 @@ class ConsistentAttentionPatch:
 
         if pending is None:
             return attend(q, k, v)
-        layer, detail = pending
-        if state.story is None:
-            if detail is None:  # not a CSA layer at this step
-                return attend(q, k, v)
-            if not (q.ndim == 3 and q.shape[:-1] == k.shape[:-1] == (detail.rows, detail.tokens)) or mask is not None:
-                raise_unextendable(layer, q, k, mask, f"[{detail.rows}, {detail.tokens}, C]")
-            state.extended += 1
-            return attend(q, detail.extend(k), detail.extend(v))
+        layer, latent_hw = pending
+        if not state.planner.config.patches_block(*layer[0]):
+            return attend(q, k, v)  # a block CSA never runs in: whatever its shapes, not CSA's
         rows = state.story.chunks * len(state.panels)
         if q.shape[:-1] != k.shape[:-1] or q.shape[0] != rows or (mask is not None and mask.shape[0] not in (1, rows)):
             raise_unextendable(layer, q, k, mask, f"{rows} rows of self-attention")
-        out = state.story.attention(layer, state.panels, q, k, v, detail, attend, state.layout, mask)
-        if out is None:  # not a CSA layer at this step (blocks, schedule)
+        out = state.story.attention(layer, state.panels, q, k, v, latent_hw, attend, state.layout, mask)
+        if out is None:  # not a CSA layer at this step (schedule, rate)
             return attend(q, k, v)
-        state.extended += 1
+        state.extended += int(state.story.reads(state.panels, q.device))
         return out
 
 

@@ -10,14 +10,13 @@ the call's ``transformer_options``. So:
   reference tokens), where the family's ``call_layout`` says they are, already rotated by RoPE;
   "shifted" key positions move them one image width along the columns (AlignedGen reports that
   shared keys at the reader's own positions degrade results).
-Without a story every panel reads its neighbours (``BatchCast``); with one, the characters rule.
+Batch and story mode are the UNet patch's (one engine); only the marking and the token layout differ.
 """
 from __future__ import annotations
 
-from ..attention import BatchCast, CallPlanner, ConsistentAttentionError, StoryCall
-from .csa_patch import STATE_KEY, ConsistentAttentionPatch, current_step
+from ..attention import ConsistentAttentionError
+from .csa_patch import STATE_KEY, ConsistentAttentionPatch
 from .dit_families import DiTFamily
-from .story_calls import run_story_call
 
 KEY_POSITIONS = ("shifted", "as is")
 
@@ -92,22 +91,6 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
             if state is not None and index is not None and state.pending is None:
                 state.expect(((self.family.blocks[0].kind, index), 0), None)
         return super().attention(func, q, k, v, heads, *args, **kwargs)
-
-    def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        options = dict(transformer_options)
-        planner = CallPlanner(self.config, current_step(options))
-        if self.cast is not None:
-            return run_story_call(self, planner, executor, x, t, c_concat, c_crossattn, control, options, **kwargs)
-        chunks = len(options.get("cond_or_uncond") or [0])
-        panels = x.shape[0] // chunks
-        story = self.story_call(planner, chunks, 0, x, c_crossattn, keep_bank=False)
-        self.prepare(options, planner, story, tuple(range(panels)), self.call_layout(x, kwargs))
-        return self.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
-
-    def story_call(self, planner, chunks: int, first_chunk: int, x, c_crossattn, keep_bank: bool = True) -> StoryCall:
-        """Each sub-call brings its own token layout (``call_layout``); the bank holds image tokens only."""
-        cast = self.cast if self.cast is not None else BatchCast.of(x.shape[0] // chunks, self.config.window)
-        return StoryCall(planner, cast, chunks, first_chunk, keep_bank=keep_bank)
 
 
 class BlockMarker:

@@ -8,15 +8,16 @@ load_pack()
 from consistent_story.attention import (  # noqa: E402
     ConsistentAttentionError,
     CSAConfig,
+    BatchCast,
+    CallPlanner,
     Step,
-    append_reference,
+    StoryCall,
     downsample_factor,
     layer_active,
     locate_step,
     mix_seed,
     neighbour_table,
     parse_block_list,
-    plan_gather,
     sampled_count,
     step_in_range,
 )
@@ -35,70 +36,73 @@ def test_neighbours_are_distinct_others_within_a_contiguous_window(panels, windo
             assert span[-1] - span[0] == len(row), "window is contiguous around the panel"
 
 
-def rows_of(plan):
-    return plan.index.view(plan.rows, plan.tokens + plan.extra).tolist()
+def batch_keys(chunks, panels, tokens, rate, window, seed=7, width=4):
+    """Batch mode as a host runs it: the keys every row attends to, and the token ids they carry
+    (keys hold their own flat token id in every channel, so each key names its source)."""
+    ids = torch.arange(chunks * panels * tokens, dtype=torch.float32).view(chunks * panels, tokens, 1)
+    k = ids.expand(-1, -1, width).contiguous()
+    config = CSAConfig(rate_fine=rate, rate_coarse=rate, window=window, blocks="all", schedule="always", seed=seed)
+    story = StoryCall(CallPlanner(config, Step(0, 1)), BatchCast.of(panels, window), chunks, keep_bank=False)
+    seen = {}
+
+    def attend(q, k_, v, names, mask):
+        for row, name in enumerate(names):
+            seen[name] = k_[row, :, 0].long().tolist()
+        return q
+
+    out = story.attention((("output", 0), 0), tuple(range(panels)), k, k, k, (4, 4), attend)
+    return seen, out
 
 
 @pytest.mark.parametrize("chunks,panels,tokens,rate,window", [(2, 4, 16, 0.5, 0), (1, 3, 10, 0.3, 0), (3, 6, 8, 0.25, 2)])
-def test_plan_keeps_own_tokens_and_samples_only_neighbours_of_the_same_chunk(chunks, panels, tokens, rate, window):
-    plan = plan_gather(chunks, panels, tokens, rate, window, seed=7)
+def test_batch_mode_keeps_own_tokens_and_samples_only_neighbours_of_the_same_chunk(chunks, panels, tokens, rate, window):
+    seen, _ = batch_keys(chunks, panels, tokens, rate, window)
     count = sampled_count(tokens, rate)
     neighbours = neighbour_table(panels, window).tolist()
-    assert plan.extra == count * len(neighbours[0])
-    for row, index in enumerate(rows_of(plan)):
-        chunk, panel = divmod(row, panels)
+    assert len(seen) == chunks * panels
+    for (chunk, panel), keys in seen.items():
         base = chunk * panels * tokens
-        assert index[:tokens] == list(range(base + panel * tokens, base + (panel + 1) * tokens))
-        extra = index[tokens:]
+        assert keys[:tokens] == list(range(base + panel * tokens, base + (panel + 1) * tokens))
+        extra = keys[tokens:]
+        assert len(extra) == count * len(neighbours[panel])
         assert all(base <= i < base + panels * tokens for i in extra), "never crosses into another chunk"
         sources = [(i - base) // tokens for i in extra]
-        assert sorted(set(sources)) == sorted(neighbours[panel])
-        assert all(sources.count(other) == count for other in neighbours[panel])
+        assert sources == [other for other in neighbours[panel] for _ in range(count)], "neighbours in order"
         assert len(set(extra)) == len(extra), "no token twice"
 
 
-def test_plan_is_seeded():
-    a, b, c = (plan_gather(2, 4, 64, 0.5, 0, seed=s).index for s in (1, 1, 2))
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+def test_batch_mode_is_seeded_and_shares_one_sample_per_panel():
+    a, b, c = (batch_keys(2, 4, 64, 0.5, 0, seed=s)[0] for s in (1, 1, 2))
+    assert a == b and a != c
+    # every reader of panel 0 takes the same sampled tokens of it (one draw per step and resolution)
+    taken = {panel: [i for i in keys[64:] if i < 64] for (chunk, panel), keys in a.items() if chunk == 0 and panel}
+    assert taken[1] == taken[2] == taken[3]
 
 
 def test_nothing_to_add_for_one_panel_or_rate_zero():
-    assert plan_gather(2, 1, 16, 0.5, 0, seed=0) is None
-    assert plan_gather(2, 4, 16, 0.0, 0, seed=0) is None
-
-
-def test_extend_gathers_the_planned_rows():
-    plan = plan_gather(2, 3, 5, 0.4, 0, seed=3)
-    x = torch.randn(6, 5, 7)
-    flat = x.reshape(30, 7)
-    expected = flat[plan.index].view(6, 5 + plan.extra, 7)
-    assert torch.equal(plan.extend(x), expected)
-    with pytest.raises(ValueError):
-        plan.extend(torch.randn(6, 4, 7))
+    seen, out = batch_keys(2, 4, 16, 0.0, 0)
+    assert out is None and not seen, "rate 0: plain attention, as vanilla"
+    seen, _ = batch_keys(2, 1, 16, 0.5, 0)
+    assert seen == {(0, 0): list(range(16)), (1, 0): list(range(16, 32))}, "one panel: its own keys only"
 
 
 def test_rate_one_all_panels_equals_attention_over_the_whole_chunk_float64():
     torch.manual_seed(0)
     chunks, panels, tokens, dim = 2, 4, 6, 8
     q, k, v = (torch.randn(chunks * panels, tokens, dim, dtype=torch.float64) for _ in range(3))
-    plan = plan_gather(chunks, panels, tokens, 1.0, 0, seed=0)
-    ours = torch.nn.functional.scaled_dot_product_attention(q, plan.extend(k), plan.extend(v))
+    config = CSAConfig(rate_fine=1.0, rate_coarse=1.0, blocks="all", schedule="always")
+    story = StoryCall(CallPlanner(config, Step(0, 1)), BatchCast.of(panels, 0), chunks, keep_bank=False)
+
+    def attend(q_, k_, v_, names, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_)
+
+    ours = story.attention((("output", 0), 0), tuple(range(panels)), q, k, v, (4, 4), attend)
     for row in range(chunks * panels):
         chunk = row // panels
         keys = k[chunk * panels:(chunk + 1) * panels].reshape(-1, dim)
         values = v[chunk * panels:(chunk + 1) * panels].reshape(-1, dim)
         weights = torch.softmax(q[row] @ keys.T / dim ** 0.5, dim=-1)
         torch.testing.assert_close(ours[row], weights @ values, rtol=1e-10, atol=1e-12)
-
-
-def test_append_reference_adds_the_same_tokens_to_every_row():
-    x = torch.randn(3, 4, 5)
-    ref = torch.randn(2, 5)
-    out = append_reference(x, ref)
-    assert out.shape == (3, 6, 5)
-    assert torch.equal(out[:, :4], x) and all(torch.equal(out[r, 4:], ref) for r in range(3))
-    assert append_reference(x, None) is x
 
 
 @pytest.mark.parametrize("latent,tokens,factor", [((128, 128), 4096, 2), ((128, 128), 1024, 4), ((64, 64), 4096, 1),
@@ -165,18 +169,13 @@ def test_mix_seed_is_stable():
     assert 0 <= mix_seed(2**70, -5) < 2**63
 
 
-def test_planner_shares_one_plan_per_resolution_and_respects_blocks():
-    from consistent_story.attention import CallPlanner
+def test_planner_rates_respect_blocks_and_resolutions_and_chunks_must_divide_the_rows():
+    from consistent_story.attention import CallPlanner, panels_per_chunk
 
-    planner = CallPlanner(CSAConfig(schedule="always", seed=4), Step(3, 10))
-    args = dict(rows=8, chunks=2, latent_hw=(16, 16), device="cpu")
-    first = planner.plan(("output", 3), 0, tokens=64, **args)
-    assert first is not None and first.rows == 8 and first.extra == 3 * 32
-    assert planner.plan(("output", 4), 1, tokens=64, **args) is first, "one draw per step and resolution"
-    assert planner.plan(("output", 0), 0, tokens=16, **args) is not first
-    assert planner.plan(("middle", 0), 0, tokens=64, **args) is None, "output blocks only by default"
-    assert planner.plan(("output", 3), 0, tokens=64, rows=2, chunks=2, latent_hw=(16, 16), device="cpu") is None
-    again = CallPlanner(CSAConfig(schedule="always", seed=4), Step(3, 10)).plan(("output", 5), 0, tokens=64, **args)
-    assert torch.equal(again.index, first.index), "seeded by (seed, step, resolution)"
+    planner = CallPlanner(CSAConfig(rate_fine=0.5, rate_coarse=0.25, schedule="always", seed=4), Step(3, 10))
+    assert planner.rate(("output", 3), 0, 64, (16, 16)) == 0.5, "a quarter of the latent's tokens: fine"
+    assert planner.rate(("output", 3), 0, 16, (16, 16)) == 0.25, "coarser"
+    assert planner.rate(("middle", 0), 0, 64, (16, 16)) == 0.0, "output blocks only by default"
+    assert planner.seed_for(64) == CallPlanner(CSAConfig(seed=4), Step(3, 10)).seed_for(64) != planner.seed_for(16)
     with pytest.raises(ConsistentAttentionError, match="conditioning chunks"):
-        planner.plan(("output", 3), 0, tokens=64, rows=7, chunks=2, latent_hw=(16, 16), device="cpu")
+        panels_per_chunk(7, 2)
