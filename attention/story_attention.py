@@ -57,6 +57,7 @@ class SubCallRows:
     write_rows: torch.Tensor  # [W] rows of identity panels
     write_slots: torch.Tensor  # [W] bank rows they fill
     groups: tuple[ReadGroup, ...]
+    fills_bank: bool = False  # the writes are every bank row, in order (batch mode, a one-call story)
 
 
 class StoryCall:
@@ -142,6 +143,9 @@ class StoryCall:
         if layout.key_shift is not None:
             taken_k = layout.key_shift(taken_k)
         taken_v = layout.take(v, rows.write_rows, positions)
+        if layer not in self.bank and rows.fills_bank:  # what was taken is the bank: no copy
+            self.bank[layer] = (taken_k, taken_v)
+            return
         if layer not in self.bank:
             shape = (self.chunks * self.slots,) + tuple(taken_k.shape[1:])
             self.bank[layer] = (taken_k.new_empty(shape), taken_v.new_empty(shape))
@@ -195,6 +199,7 @@ class StoryCall:
                 everyone=len(members) == len(names),
                 span=(members[0], len(members)) if consecutive else None,
             ))
-        return SubCallRows(index_tensor([w[0] for w in writes], device), index_tensor([w[1] for w in writes], device),
-                           tuple(groups))
+        slots = [w[1] for w in writes]
+        return SubCallRows(index_tensor([w[0] for w in writes], device), index_tensor(slots, device), tuple(groups),
+                           fills_bank=slots == list(range(self.chunks * self.slots)))
 
