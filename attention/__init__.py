@@ -6,7 +6,7 @@ in a story, each panel the identity panels of its characters (``cast``, ``story_
 a few panels at a time if need be (``rows``).
 """
 from .cast import MAX_IDENTITY_PANELS, BatchCast, StoryCast
-from .config import DIT_DEFAULT_PRESET, ConsistentAttentionError, CSAConfig, parse_block_list
+from .config import ConsistentAttentionError, CSAConfig, parse_block_list
 from .kernels import KERNELS, KernelChoice
 from .layers import downsample_factor
 from .planner import CallPlanner, layer_seed, panels_per_chunk
@@ -19,7 +19,6 @@ from .tokens import neighbour_table, sampled_count
 __all__ = [
     "BatchCast",
     "CallPlanner",
-    "DIT_DEFAULT_PRESET",
     "CSAConfig",
     "ConsistentAttentionError",
     "KERNELS",

@@ -13,7 +13,6 @@ BLOCK_PRESETS = {
     "single-stream": frozenset({"single"}),  # CharaConsist (ICCV 2025): a DiT's single-stream blocks
     "double-stream": frozenset({"double"}),
 }
-DIT_DEFAULT_PRESET = "single-stream"
 SCHEDULES = ("official", "always")
 
 # The official app's stochastic schedule (HVision-NKU/StoryDiffusion, gradio_app_sdxl_specific_id):

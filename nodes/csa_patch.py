@@ -157,16 +157,17 @@ class ConsistentAttentionPatch:
             return run_story_call(self, planner, executor, x, t, c_concat, c_crossattn, control, options, **kwargs)
         chunks = len(options.get("cond_or_uncond") or [0])
         panels = panels_per_chunk(x.shape[0], chunks)
-        story = self.story_call(planner, chunks, 0, x, c_crossattn, keep_bank=False)
+        story = self.story_call(planner, chunks, 0, panels, keep_bank=False)
         self.prepare(options, planner, story, tuple(range(panels)), self.call_layout(x, kwargs))
         return self.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
 
-    def story_call(self, planner: CallPlanner, chunks: int, first_chunk: int, x, c_crossattn,
+    def story_call(self, planner: CallPlanner, chunks: int, first_chunk: int, panels: int,
                    keep_bank: bool = True) -> StoryCall:
-        """Who reads whom in one model call (or one chunk of it): the story's cast, or without one
-        every panel its neighbours. ``keep_bank`` False when a single sub-call writes and reads
-        every layer's shared tokens (each layer's are then dropped right after it)."""
-        cast = self.cast if self.cast is not None else BatchCast.of(x.shape[0] // chunks, self.config.window)
+        """Who reads whom in one model call (or one chunk of it) of ``panels`` panels per chunk: the
+        story's cast, or without one every panel its neighbours. ``keep_bank`` False when a single
+        sub-call writes and reads every layer's shared tokens (each layer's are then dropped right
+        after it)."""
+        cast = self.cast if self.cast is not None else BatchCast.of(panels, self.config.window)
         return StoryCall(planner, cast, chunks, first_chunk, keep_bank=keep_bank)
 
     def call_layout(self, x, kwargs: dict):

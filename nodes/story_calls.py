@@ -33,7 +33,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
         check_references(patch.references, executor.class_obj, tuple(x.shape[-2:]))
     per_call = patch.panels_per_call or rows_that_fit(executor.class_obj, x)
     if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
-        story = patch.story_call(planner, chunks, 0, x, c_crossattn, keep_bank=bool(patch.references))
+        story = patch.story_call(planner, chunks, 0, panels, keep_bank=bool(patch.references))
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunks))
         patch.prepare(options, planner, story, tuple(range(panels)), patch.call_layout(x, kwargs))
         return patch.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
@@ -42,7 +42,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
     uuids = options.get("uuids")
     out = None
     for chunk in range(chunks):
-        story = patch.story_call(planner, 1, chunk, x, c_crossattn)  # this chunk's identity bank
+        story = patch.story_call(planner, 1, chunk, panels)  # this chunk's identity bank
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunk, chunk + 1))
         for subset in cast.call_plan(per_call):
             index = index_tensor([chunk * panels + panel for panel in subset], "cpu")

@@ -241,6 +241,25 @@ class FluxTextEncoderStandIn:
 
 
 @pytest.fixture()
+def csa_calls(comfy, monkeypatch):
+    """Every model call (or story sub-call) Consistent Self-Attention ran in the next graphs, as the
+    number of layers whose keys it extended there (its own count, ``CallState.extended``)."""
+    import sys
+
+    node = comfy.NODE_CLASS_MAPPINGS["ConsistentStorySelfAttention"]
+    patch_module = sys.modules[node.__module__.rpartition(".")[0] + ".csa_patch"]
+    original, calls = patch_module.ConsistentAttentionPatch.run, []
+
+    def run(self, executor, *args, options, **kwargs):
+        out = original(self, executor, *args, options=options, **kwargs)
+        calls.append(options[patch_module.STATE_KEY].extended)
+        return out
+
+    monkeypatch.setattr(patch_module.ConsistentAttentionPatch, "run", run)
+    return calls
+
+
+@pytest.fixture()
 def flux_text(comfy):
     comfy.NODE_CLASS_MAPPINGS[TEXT_ENCODER_STAND_IN] = FluxTextEncoderStandIn
     yield
@@ -289,7 +308,8 @@ def provide_user_files(prompt: dict, kind: str, comfy) -> None:
 
 
 @by_workflow(WORKFLOWS)
-def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner, released_after, flux_text):
+def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner, released_after, flux_text,
+                                                 csa_calls):
     workflow = load_workflow(path)
     types = workflow_node_types(workflow)
     absent = sorted(t for t in types if t not in comfy.NODE_CLASS_MAPPINGS)
@@ -323,6 +343,13 @@ def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph
     for file in saved:
         with Image.open(file) as image:
             assert image.format == "PNG" and image.size == (width, pages.shape[1])
+
+    assert csa_calls and max(csa_calls) > 0, f"CSA extended no layer in any of {len(csa_calls)} model calls"
+    csa_calls.clear()
+    set_widgets(prompt, "ConsistentStorySelfAttention", rate_fine=0.0, rate_coarse=0.0)  # installs nothing
+    plain = graph_runner(prompt).output(one(prompt, "VAEDecode")[0])
+    assert not csa_calls, "CSA off: no model call went through it"
+    assert not torch.equal(plain, panels), "the same graph without CSA draws other panels"
 
 
 def test_the_test_lora_patches_every_attention_projection(comfy, checkpoints, released_after):
