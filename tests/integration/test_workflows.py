@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.checkpoints import release_memory
 from harness.workflow import (
     BYPASSED, MUTED, TEST_CHECKPOINT, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow,
     node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, widget_inputs, workflow_id, workflow_node_types,
@@ -346,6 +347,8 @@ def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph
 
     assert csa_calls and max(csa_calls) > 0, f"CSA extended no layer in any of {len(csa_calls)} model calls"
     csa_calls.clear()
+    del result  # its outputs hold the loaded models: let them go before the graph loads its own again
+    release_memory()
     set_widgets(prompt, "ConsistentStorySelfAttention", rate_fine=0.0, rate_coarse=0.0)  # installs nothing
     plain = graph_runner(prompt).output(one(prompt, "VAEDecode")[0])
     assert not csa_calls, "CSA off: no model call went through it"
