@@ -110,7 +110,7 @@ class StoryCall:
         count = sampled_count(shared, rate)
         rows = self._sub_call_rows(panels, k.device)
         if rows.write_rows.numel():
-            self._write(layer, rows, k, v, count, layout, first)
+            self._write(layer, rows, k, v, count, layout, first, shared)
             self.bank_peak = max(self.bank_peak, self.bank_bytes())
         bank = self.bank.get(layer) if self.keep_bank else self.bank.pop(layer, None)
         out = None
@@ -135,8 +135,9 @@ class StoryCall:
         """Whether any row of the sub-call over ``panels`` reads shared tokens (its keys grow)."""
         return any(group.bank_rows is not None for group in self._sub_call_rows(panels, device).groups)
 
-    def _write(self, layer, rows: SubCallRows, k, v, count: int, layout: TokenLayout, first: int) -> None:
-        shared = layout.shared_tokens(k.shape[layout.token_dim])[1]
+    def _write(self, layer, rows: SubCallRows, k, v, count: int, layout: TokenLayout, first: int, shared: int) -> None:
+        """Leave the sampled shared tokens (``count`` of the ``shared`` from ``first`` on) of this
+        sub-call's identity rows in the layer's bank."""
         positions = self._sampled_positions(shared, count, k.device) + first  # [slots, count]
         positions = positions.index_select(0, rows.write_slots % self.slots)  # [W, count]
         taken_k = layout.take(k, rows.write_rows, positions)
