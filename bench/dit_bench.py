@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # harness.model_files needs comfy_host
 import bench_host  # noqa: E402
 from csa_bench import StepTimer, find_comfyui  # noqa: E402
+import reference_csa  # noqa: E402
 from report import markdown_table, write_block  # noqa: E402
 
 BEGIN = "<!-- dit_bench: generated block, rewritten by bench/dit_bench.py --doc -->"
@@ -65,8 +66,11 @@ TINY = {"Flux.1 dev": dict(depth=1, depth_single_blocks=1), "Chroma": dict(depth
         "SD3.5 Large": dict(depth=2, num_patches=256, pos_embed_max_size=16,
                             context_embedder_config={"target": "torch.nn.Linear",
                                                      "params": {"in_features": 4096, "out_features": 128}})}
-# (blocks, attention kernel of the extended calls); 'output' = the family's default blocks
-RUNS = (("vanilla", "host"), ("output", "host"), ("output", "fastest"), ("all", "fastest"))
+# (blocks, attention kernel of the extended calls, key positions); 'output' = the family's default
+# blocks; 'reference' = the yardstick (bench/reference_csa.py) in the same blocks, host's kernel or cuDNN first
+RUNS = (("vanilla", "host", None), ("reference", "host", "as is"), ("reference", "cudnn", "as is"),
+        ("output", "host", "shifted"), ("output", "fastest", "shifted"), ("output", "fastest", "as is"),
+        ("all", "fastest", "shifted"))
 
 
 class ExtendedCounter:
@@ -98,6 +102,9 @@ class DiTBench:
         self.dit_patch = bench_host.load_csa_patch_module("dit_patch")
         self.families = bench_host.load_csa_patch_module("dit_families")
         self.engine = sys.modules[f"{bench_host.PACK_NAME}.attention"]
+        self.kernels = sys.modules[f"{bench_host.PACK_NAME}.attention.kernels"]
+        self.reference = None
+        self.name = None
 
     def build(self, name: str):
         import comfy.model_patcher
@@ -124,12 +131,23 @@ class DiTBench:
         latent = torch.zeros(self.args.panels, channels, *((frames,) if frames else ()), side, side)
         return positive, latent
 
-    def model(self, base, blocks: str, kernel: str = "host", probe=None):
+    def model(self, base, blocks: str, kernel: str = "host", positions: str | None = None, probe=None):
         model = base.clone()
-        if blocks != "vanilla":
+        if blocks == "reference":
+            chosen = self.model(base, "output", "host", "as is").get_wrappers("apply_model", "consistent_story.csa")[0].__self__.chosen
+            family = self.families.dit_family(model)
+            diffusion_model = model.get_model_object("diffusion_model")
+            side = self.args.size // FAMILIES[self.name][2][1]
+            image = self.engine.patch_grid(side, side, diffusion_model.patch_size)
+            kernel_fn = None if kernel == "host" else lambda q, k, v, heads, mask, skip, skip_out: self.kernels.sdpa(
+                q, k, v, heads, mask, skip, skip_out, None, self.kernels.cudnn_first())
+            self.reference = reference_csa.ReferenceExtension(chosen, image[0] * image[1], 0.5, kernel_fn, family.named_by_host)
+            self.reference.install(model, family, diffusion_model)
+        elif blocks != "vanilla":
             config = self.engine.CSAConfig(rate_fine=0.5, rate_coarse=0.5, blocks=blocks, schedule="always")
             family = self.families.dit_family(model)
-            positions = "as is" if family.rope_embedder is None else "shifted"  # SD3: no RoPE to shift by
+            if family.rope_embedder is None:
+                positions = "as is"  # SD3: no RoPE to shift by
             patch = self.dit_patch.DiTAttentionPatch(family, config, key_positions=positions, attention_kernel=kernel)
             patch.install(model)
         if probe is not None:
@@ -144,13 +162,17 @@ class DiTBench:
             return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
                                        disable_pbar=True, seed=7)
 
-    def run(self, name: str, base, blocks: str, kernel: str) -> dict:
+    def run(self, name: str, base, blocks: str, kernel: str, positions: str | None) -> dict:
         torch = self.torch
+        self.name = name
         positive, latent = self.inputs(name)
         counter = ExtendedCounter()
-        self.sample(self.model(base, blocks, "host", counter), positive, latent, 1)
-        model = self.model(base, blocks, kernel)
-        patch = None if blocks == "vanilla" else model.get_wrappers("apply_model", "consistent_story.csa")[0].__self__
+        if blocks not in ("vanilla", "reference"):
+            self.sample(self.model(base, blocks, "host", positions, counter), positive, latent, 1)
+        model = self.model(base, blocks, kernel, positions)
+        patch = None
+        if blocks not in ("vanilla", "reference"):
+            patch = model.get_wrappers("apply_model", "consistent_story.csa")[0].__self__
         timer = StepTimer(self.cuda)
         model.set_model_unet_function_wrapper(timer)
         self.sample(model, positive, latent, 1)  # warm-up
@@ -160,11 +182,16 @@ class DiTBench:
             torch.cuda.reset_peak_memory_stats()
         out = self.sample(model, positive, latent, self.args.steps)
         ms = timer.take_ms()
-        return {"blocks": blocks, "kernel": kernel, "ms_per_step": statistics.median(ms), "ms": ms,
+        if blocks == "reference":
+            extended, chosen = self.reference.extended // (self.args.steps + 1), len(self.reference.chosen)
+        else:
+            extended = max((state.extended for state in counter.states), default=0)
+            chosen = 0 if patch is None else len(patch.chosen)
+            positions = None if patch is None else patch.key_positions  # SD3 runs 'as is' whatever was asked
+        return {"blocks": blocks, "kernel": kernel, "positions": positions, "ms_per_step": statistics.median(ms), "ms": ms,
                 "peak_bytes": torch.cuda.max_memory_allocated() if self.cuda else 0,
                 "finite": bool(torch.isfinite(out).all()),
-                "extended": max((state.extended for state in counter.states), default=0),
-                "chosen": 0 if patch is None else len(patch.chosen),
+                "extended": extended, "chosen": chosen,
                 "kernels": sorted(set(patch.kernels.chosen.values())) if patch is not None else []}
 
 
@@ -179,8 +206,10 @@ def rows(results: dict) -> list[list[str]]:
                 continue
             time_ratio = run["ms_per_step"] / vanilla["ms_per_step"] if vanilla.get("ms_per_step") else float("nan")
             peak_ratio = run["peak_bytes"] / vanilla["peak_bytes"] if vanilla.get("peak_bytes") else float("nan")
-            label = "default" if blocks == "output" else blocks
-            kernels = ", ".join(run.get("kernels") or []) or "host"
+            label = {"output": "default", "reference": "reference (default blocks)"}.get(blocks, blocks)
+            if run.get("positions"):
+                label += f", {run['positions']}"
+            kernels = ", ".join(run.get("kernels") or []) or ("cuDNN first" if run.get("kernel") == "cudnn" else "host")
             body.append([name, label, run.get("kernel", "host") + f" ({kernels})", f"{family['params'] / 1e9:.1f}",
                          f"{run['ms_per_step']:.1f}", f"{time_ratio:.3f}x", f"{run['peak_bytes'] / 2**30:.2f}",
                          f"{peak_ratio:.3f}x", f"{run['extended']}/{run['chosen']}"])
@@ -195,7 +224,9 @@ def generated_block(results: dict) -> str:
     lines = [BEGIN, "", f"Machine: {env['gpu']}, torch {env['torch']}, ComfyUI {env['comfyui']}, attention "
              f"`{env['comfy_attention']}`, SDPA order {env.get('sdpa_priority') or 'torch default'}. Each family's "
              f"released layout, random bf16 weights, {s['panels']} panels at {s['size']}x{s['size']}, no CFG, euler, "
-             f"median of {s['steps']} timed model calls, rate 0.5, CSA on every call, shifted key positions (SD3.5: as is, it has no RoPE).", ""]
+             f"median of {s['steps']} timed model calls, rate 0.5, CSA on every call; key positions shifted or as is "
+             "(SD3.5: as is, it has no RoPE). 'reference': the simplest exact CSA in the same blocks "
+             "(bench/reference_csa.py: one token-major gather and one cat, no bank), the yardstick.", ""]
     lines += markdown_table(HEADER, rows(results)) + ["", END]
     return "\n".join(lines)
 
@@ -231,10 +262,10 @@ def main(argv=None) -> int:
                 continue
             base = bench.build(name)
             family = results["families"][name] = {"params": sum(p.numel() for p in base.model.parameters()), "runs": {}}
-            for blocks, kernel in RUNS:
-                key = f"{blocks}/{kernel}"
+            for blocks, kernel, positions in RUNS:
+                key = f"{blocks}/{kernel}" + (f"/{positions}" if positions and blocks != "reference" else "")
                 try:
-                    family["runs"][key] = bench.run(name, base, blocks, kernel)
+                    family["runs"][key] = bench.run(name, base, blocks, kernel, positions)
                 except bench.torch.OutOfMemoryError as error:
                     family["runs"][key] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
                 print(name, key, {k: v for k, v in family["runs"][key].items() if k != "ms"}, flush=True)
