@@ -103,20 +103,22 @@ def rope_shift(axes_dim: tuple[int, ...], theta: float, axis: int, delta: float)
     """
     first = sum(axes_dim[:axis]) // 2
     width = axes_dim[axis]
-    omega = theta ** -(torch.arange(0, width, 2, dtype=torch.float64) / width)
-    angle = delta * omega
-    cos, sin = angle.cos(), angle.sin()
-
     head = sum(axes_dim)
+    angle = delta * theta ** -(torch.arange(0, width, 2, dtype=torch.float64) / width)
+    cos_sin = torch.stack([angle.cos(), angle.sin()]).float()
+    on_device: dict = {}  # device -> cos_sin there: copied once, not once per layer (a blocking copy stalls the GPU queue)
+
+    def rotation(device) -> torch.Tensor:
+        if device not in on_device:
+            on_device[device] = cos_sin.to(device, non_blocking=True)
+        return on_device[device]
 
     def shift(keys: torch.Tensor) -> torch.Tensor:
+        c, s = rotation(keys.device)  # [width / 2] each
         pairs = keys.unflatten(-1, (-1, head // 2, 2))
-        x0, x1 = pairs[..., first:first + width // 2, 0], pairs[..., first:first + width // 2, 1]
-        c, s = cos.to(keys.device, torch.float32), sin.to(keys.device, torch.float32)
-        out = pairs.clone()
-        out[..., first:first + width // 2, 0] = (c * x0.float() - s * x1.float()).to(keys.dtype)
-        out[..., first:first + width // 2, 1] = (s * x0.float() + c * x1.float()).to(keys.dtype)
-        return out.flatten(-3)
+        x0, x1 = pairs[..., first:first + width // 2, :].float().unbind(-1)
+        rotated = torch.stack([c * x0 - s * x1, s * x0 + c * x1], dim=-1).to(keys.dtype)
+        return torch.cat([pairs[..., :first, :], rotated, pairs[..., first + width // 2:, :]], dim=-2).flatten(-3)
 
     return shift
 
