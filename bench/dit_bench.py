@@ -26,8 +26,13 @@ from csa_bench import StepTimer, find_comfyui  # noqa: E402
 import reference_csa  # noqa: E402
 from report import markdown_table, write_block  # noqa: E402
 
-BEGIN = "<!-- dit_bench: generated block, rewritten by bench/dit_bench.py --doc -->"
-END = "<!-- dit_bench: end of generated block -->"
+
+
+def markers(host: str) -> tuple[str, str]:
+    """The generated block's first and last lines in the doc: one block per ComfyUI version."""
+    return (f"<!-- dit_bench ComfyUI {host}: generated block, rewritten by bench/dit_bench.py --doc -->",
+            f"<!-- dit_bench ComfyUI {host}: end of generated block -->")
+
 STATE_KEY = "consistent_story.csa"
 FLUX_DEV = dict(bench_host.FLUX_DEV)
 # name -> (ComfyUI config class, released layout, latent (channels, downscale, frames), text (tokens, width), pooled)
@@ -221,13 +226,14 @@ HEADER = ["family", "blocks", "extended calls' kernel (chosen)", "params (B)", "
 
 def generated_block(results: dict) -> str:
     env, s = results["environment"], results["settings"]
-    lines = [BEGIN, "", f"Machine: {env['gpu']}, torch {env['torch']}, ComfyUI {env['comfyui']}, attention "
+    begin, end = markers(env["comfyui"])
+    lines = [begin, "", f"Machine: {env['gpu']}, torch {env['torch']}, ComfyUI {env['comfyui']}, attention "
              f"`{env['comfy_attention']}`, SDPA order {env.get('sdpa_priority') or 'torch default'}. Each family's "
              f"released layout, random bf16 weights, {s['panels']} panels at {s['size']}x{s['size']}, no CFG, euler, "
              f"median of {s['steps']} timed model calls, rate 0.5, CSA on every call; key positions shifted or as is "
              "(SD3.5: as is, it has no RoPE). 'reference': the simplest exact CSA in the same blocks "
              "(bench/reference_csa.py: one token-major gather and one cat, no bank), the yardstick.", ""]
-    lines += markdown_table(HEADER, rows(results)) + ["", END]
+    lines += markdown_table(HEADER, rows(results)) + ["", end]
     return "\n".join(lines)
 
 
@@ -277,7 +283,7 @@ def main(argv=None) -> int:
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print("\n".join("  ".join(r) for r in [HEADER] + rows(results)))
     if args.doc:
-        write_block(args.doc, generated_block(results), BEGIN, END)
+        write_block(args.doc, generated_block(results), *markers(results["environment"]["comfyui"]))
     return 0
 
 
