@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from harness.checkpoints import release_memory
-from harness.workflow_models import (
-    DIT_CONFIGS, TEXT_ENCODER_STAND_IN, TextEncoderStandIn, by_workflow_on_this_host, provide_dit_files,
-)
 from harness.workflow import (
     BYPASSED, MUTED, TEST_CHECKPOINT, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow,
     node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, widget_inputs, workflow_id, workflow_node_types,
+)
+from harness.workflow_models import (
+    DIT_CONFIGS, TEXT_ENCODER_STAND_IN, TextEncoderStandIn, by_workflow_on_this_host, provide_dit_files,
 )
 
 pytestmark = pytest.mark.integration
