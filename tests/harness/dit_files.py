@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from harness.checkpoints import FIXED_PART_DTYPE, _KL_VAE_CONFIG, _random_state_dict
+from harness.checkpoints import _KL_VAE_CONFIG, FIXED_PART_DTYPE, _random_state_dict
 from harness.comfy_env import import_comfyui
 
 FLUX2_KLEIN = {

@@ -1,10 +1,15 @@
-"""A Flux text encoder small enough for the CPU: ComfyUI's own FluxTokenizer and CLIP wrapper around
-a stand-in for T5-XXL and CLIP-L.
+"""Text encoders small enough for the CPU, built from ComfyUI's own tokenizers and encoder classes.
 
-T5-XXL has 4.7 billion parameters: too large to build and run on the CI machine. The stand-in
-returns states of the real shapes (``[1, T5 tokens, 4096]``, pooled ``[1, 768]``) computed from the
-token ids, so equal tokens give equal states and every token, padding included, changes them.
-Everything around it (tokenizer, ``comfy.sd.CLIP``, token options, the sampler) is ComfyUI's.
+Flux: ComfyUI's FluxTokenizer and CLIP wrapper around a stand-in for T5-XXL and CLIP-L. T5-XXL has
+4.7 billion parameters: too large to build and run on the CI machine. The stand-in returns states
+of the real shapes (``[1, T5 tokens, 4096]``, pooled ``[1, 768]``) computed from the token ids, so
+equal tokens give equal states and every token, padding included, changes them.
+
+Flux.2 klein, Qwen-Image, Z-Image (``llm_text_encoder``): the LLM alone (Qwen3-4B, Qwen2.5-VL-7B)
+is replaced, inside ComfyUI's own encoder classes, so their tokenizer (the ``qwen25_tokenizer``
+files both hosts ship), template, padding, attention mask, layer choice (klein stacks three
+layers, Z-Image takes the second to last) and template cut (Qwen-Image) are ComfyUI's.
+Everything around them (``comfy.sd.CLIP``, token options, the sampler) is ComfyUI's.
 """
 from __future__ import annotations
 
@@ -97,9 +102,10 @@ def _llm_stand_in(inner, width: int):
     attention masks) with ``LLMStandIn`` in place of the LLM, which is built on the meta device only."""
 
     class StandIn(inner):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
-            super().__init__(device="meta", dtype=dtype, model_options=model_options)
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            super().__init__(device="meta", dtype=dtype, model_options=model_options or {})
             self.transformer = LLMStandIn(width, self.num_layers, device)
+            self.freeze()
 
     return StandIn
 
@@ -110,9 +116,9 @@ def _outer_stand_in(outer, name: str, inner):
     import comfy.sd1_clip
 
     class StandIn(outer):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
             comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=dtype, name=name, clip_model=inner,
-                                                 model_options=model_options)
+                                                 model_options=model_options or {})
 
     return StandIn
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
+
+from harness.dit_files import DIT_FILES
 
 TEXT_ENCODER_STAND_IN = "ConsistentStoryTestTextEncoder"  # registered by test fixtures
 
 
 class DiTFiles(NamedTuple):
-    config: str  # the family's config class in comfy/supported_models.py
     build_model: Callable  # (path) -> path: the diffusion model file
     build_vae: Callable  # (path) -> path: the VAE file
     text_loader: str  # the workflow's text-encoder loader node, replaced by the stand-in
@@ -28,17 +30,17 @@ def _builders() -> dict[str, DiTFiles]:
     from harness.dit_files import build_dit, build_flux2_vae, build_wan21_vae
     from harness.model_files import build_flux, build_flux_vae
 
-    dit = lambda kind: functools.partial(build_dit, kind)  # noqa: E731
     return {
-        "flux": DiTFiles("Flux", build_flux, build_flux_vae, "DualCLIPLoader", None),
-        "flux2_klein": DiTFiles("Flux2", dit("flux2_klein"), build_flux2_vae, "CLIPLoader", "flux2"),
-        "qwen_image": DiTFiles("QwenImage", dit("qwen_image"), build_wan21_vae, "CLIPLoader", "qwen_image"),
-        "z_image": DiTFiles("ZImage", dit("z_image"), build_flux_vae, "CLIPLoader", "lumina2"),
+        "flux": DiTFiles(build_flux, build_flux_vae, "DualCLIPLoader", None),
+        "flux2_klein": DiTFiles(functools.partial(build_dit, "flux2_klein"), build_flux2_vae, "CLIPLoader", "flux2"),
+        "qwen_image": DiTFiles(functools.partial(build_dit, "qwen_image"), build_wan21_vae, "CLIPLoader", "qwen_image"),
+        "z_image": DiTFiles(functools.partial(build_dit, "z_image"), build_flux_vae, "CLIPLoader", "lumina2"),
     }
 
 
-# The test kinds (harness.workflow.TEST_CHECKPOINT values) that are DiT families, by config class.
-DIT_CONFIGS = {"flux": "Flux", "flux2_klein": "Flux2", "qwen_image": "QwenImage", "z_image": "ZImage"}
+# The test kinds (harness.workflow.TEST_CHECKPOINT values) that are DiT families: their config
+# class in comfy/supported_models.py.
+DIT_CONFIGS = {"flux": "Flux", **{kind: config for kind, (config, _, _) in DIT_FILES.items()}}
 
 
 def host_lacks(kind: str) -> str | None:
@@ -51,7 +53,7 @@ def host_lacks(kind: str) -> str | None:
     if config is None or comfy_dir is None:
         return None
     source = (comfy_dir / "comfy" / "supported_models.py").read_text(encoding="utf-8")
-    if re.search(rf"^class {config}\(", source, re.M):
+    if re.search(rf"^class {config}\(", source, re.MULTILINE):
         return None
     return f"the ComfyUI at {comfy_dir} has no {config} model (comfy/supported_models.py): a newer ComfyUI runs it"
 
