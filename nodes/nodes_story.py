@@ -36,9 +36,10 @@ def common_padding(clip, texts) -> dict:
     """Tokenizer options that pad every text to one length where the tokenizer does not do it.
 
     CLIP tokenizers cut and pad text into 77-token chunks, which ``repeat_tokens`` batches. A T5
-    tokenizer (Flux, SD3) returns one sequence as long as the text: different panels would not
-    batch. Its texts are padded to the longest with T5's pad token, as Flux pipelines pad to a
-    fixed length (``<key>_min_length``, ComfyUI's tokenizer option)."""
+    tokenizer (Flux, SD3) or an LLM's (Qwen-Image, Z-Image) returns one sequence as long as the
+    text: different panels would not batch. Its texts are padded to the longest with its pad
+    token, as Flux pipelines pad to a fixed length (``<key>_min_length``, ComfyUI's tokenizer
+    option); LLM encoders mask the padding out (their attention mask)."""
     lengths: dict[str, set[int]] = {}
     for text in texts:
         for key, batches in clip.tokenize(text).items():
@@ -101,8 +102,19 @@ def batch_encodings(encodings: list[dict], length: int) -> list:
     attention mask is repeated like its tokens, shared values (hooks of the one CLIP) kept once.
     """
     rows = [repeat_tokens(e["cond"], length) for e in encodings]
-    extras = {key: _batch_extra(key, [e.get(key) for e in encodings], length) for key in encodings[0] if key != "cond"}
+    keys = dict.fromkeys(key for e in encodings for key in e if key != "cond")  # every row's, in order
+    extras = {key: _batch_extra(key, [_extra(e, key) for e in encodings], length) for key in keys}
     return [torch.cat(rows), extras]
+
+
+def _extra(encoding: dict, key: str):
+    """``encoding``'s value of ``key``. An attention mask it lacks is all ones: ComfyUI's Qwen-Image
+    encoder drops a mask that hides nothing (its longest, unpadded panel), while the padded panels
+    keep theirs, and one batch needs a mask for every row."""
+    value = encoding.get(key)
+    if value is None and key == "attention_mask":
+        return torch.ones(1, encoding["cond"].shape[1], dtype=torch.long)
+    return value
 
 
 def _batch_extra(key: str, values: list, length: int):
@@ -118,8 +130,8 @@ def _batch_extra(key: str, values: list, length: int):
         return first
     raise ValueError(
         f"This text encoder returns '{key}' in a form that cannot be batched per panel. Story Prompts supports "
-        "CLIP and T5 text encoders (SD1.5, SDXL and Flux families); for other models, encode each panel with "
-        "CLIPTextEncode."
+        "CLIP, T5 and the LLM text encoders of Flux.2 klein, Qwen-Image and Z-Image; for other models, encode "
+        "each panel with CLIPTextEncode."
     )
 
 

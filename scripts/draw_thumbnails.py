@@ -53,6 +53,21 @@ THUMBNAILS = {
         ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
         ([NIA], "Nothing but sky."),
     ]),
+    "Comic page (Flux.2 klein)": ("Consistent Story - Flux.2 klein", "the Flux story on Flux.2 klein, single-stream",
+                                  [2, 2], [
+        ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
+        ([NIA], "Nothing but sky."),
+    ]),
+    "Comic page (Qwen-Image)": ("Consistent Story - Qwen-Image", "image tokens shared in the late joint blocks",
+                                [2, 2], [
+        ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
+        ([NIA], "Nothing but sky."),
+    ]),
+    "Comic page (Z-Image)": ("Consistent Story - Z-Image", "image tokens shared in the late layers, 8 steps",
+                             [2, 2], [
+        ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
+        ([NIA], "Nothing but sky."),
+    ]),
     "Long story of 24 panels (SD1.5)": ("A long story - SD1.5", "24 panels in one sampler, 4 per model call", [4, 4, 4], [
         ([TOM], ""), ([REX], ""), ([TOM, REX], ""), ([], ""), ([TOM], ""), ([TOM, REX], ""),
         ([REX], ""), ([], ""), ([TOM, REX], ""), ([TOM], ""), ([REX], ""), ([TOM, REX], ""),

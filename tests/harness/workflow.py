@@ -44,7 +44,10 @@ WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 TEST_CHECKPOINT = {"comic_page_sd1_5": "sd15_small", "four_panel_strip_sdxl": "vega_small",
                    "long_story_of_24_panels_sd1_5": "sd15_small", "two_characters_sdxl": "vega_small",
                    "character_from_your_image_sd1_5": "sd15_small", "character_lora_sdxl": "vega_small",
-                   "photomaker_face_sdxl": "vega_small", "comic_page_flux": "flux"}
+                   "photomaker_face_sdxl": "vega_small", "comic_page_flux": "flux",
+                   # DiT families: random model files of their own (harness/workflow_models.py)
+                   "comic_page_flux_2_klein": "flux2_klein", "comic_page_qwen_image": "qwen_image",
+                   "comic_page_z_image": "z_image"}
 
 
 def workflow_id(path: Path | str) -> str:
@@ -259,7 +262,7 @@ def shrink(prompt: dict, size: int, steps: int) -> None:
     """Smaller panels (width and height at most ``size``, ratio kept; character references alike),
     fewer sampling steps, and comic pages scaled like the panels, so they are not drawn blown up."""
     scales = []
-    for node_type in ("EmptyLatentImage", "EmptySD3LatentImage", CHARACTER_FROM_IMAGE):
+    for node_type in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyFlux2LatentImage", CHARACTER_FROM_IMAGE):
         for node in nodes_of_type(prompt, node_type).values():
             width, height = node["inputs"]["width"], node["inputs"]["height"]
             scales.append(min(1.0, size / max(width, height)))

@@ -15,6 +15,7 @@ from harness.workflow import (
     TEST_CHECKPOINT, WORKFLOWS, by_workflow, load_workflow, node_definitions, ui_to_api, workflow_id,
     workflow_node_types,
 )
+from harness.workflow_models import DIT_CONFIGS
 
 pytestmark = [pytest.mark.integration]
 
@@ -69,7 +70,7 @@ def test_a_workflow_without_a_checkpoint_is_refused_by_name(main_job):
     assert "Comic page (Flux).json loads no checkpoint" in done.stderr and "Traceback" not in done.stderr
 
 
-@by_workflow([path for path in WORKFLOWS if "Flux" not in path.stem])
+@by_workflow([path for path in WORKFLOWS if TEST_CHECKPOINT[workflow_id(path)] not in DIT_CONFIGS])  # checkpoints
 def test_the_family_comes_from_the_graph(path, comfy):
     """With the workflow's checkpoint not installed, its latent size decides (file names do not)."""
     import run_example

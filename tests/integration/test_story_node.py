@@ -157,3 +157,28 @@ def test_t5_prompts_of_different_lengths_are_padded_to_one_batch(comfy):
     padded = clip.tokenize(story.panels[0].prompt, tokenizer_options={"t5xxl_min_length": lengths[1]})
     alone = clip.encode_from_tokens(padded, return_pooled=True, return_dict=True)
     assert torch.equal(cond[0:1], alone["cond"]) and torch.equal(extras["pooled_output"][0:1], alone["pooled_output"])
+
+
+def test_llm_prompts_of_different_lengths_batch_with_their_attention_masks(comfy):
+    """Qwen-Image's text encoder (ComfyUI's tokenizer and encoder classes; a stand-in for the
+    Qwen2.5-VL LLM itself): panels are padded to the longest with Qwen's pad token. ComfyUI's
+    encoder keeps the attention mask of a padded panel and drops the all-ones mask of the longest,
+    so the batch carries one mask row per panel: ones for the longest, the padding masked out in
+    the others. Each row is that panel's padded encoding alone."""
+    from harness.text_encoders import llm_text_encoder
+
+    clip = llm_text_encoder("qwen_image")
+    text = "[Bob] a man in a red coat\n[Bob] walks\n[NC] a long winding mountain road with pine trees at dawn"
+    with torch.inference_mode():
+        positive, negative, _, _, story = run_node(comfy, clip, text, negative="")
+    [[cond, extras]], [[negative_cond, negative_extras]] = positive, negative
+    lengths = [len(clip.tokenize(p.prompt)["qwen25_7b"][0]) for p in story.panels]
+    longest = max(lengths)
+    assert lengths[0] < longest == lengths[1]
+    mask = extras["attention_mask"]
+    assert mask.shape == (2, cond.shape[1]) and cond.shape[0] == 2 and negative_cond.shape[1] == cond.shape[1]
+    assert mask[1].all() and not mask[0].all() and mask[0].sum() == cond.shape[1] - (longest - lengths[0])
+    assert not negative_extras["attention_mask"].all(), "the negative is padded and masked the same way"
+    padded = clip.tokenize(story.panels[0].prompt, tokenizer_options={"qwen25_7b_min_length": longest})
+    alone = clip.encode_from_tokens(padded, return_pooled=True, return_dict=True)
+    assert torch.equal(cond[0:1], alone["cond"]) and torch.equal(mask[0:1], alone["attention_mask"])

@@ -19,10 +19,12 @@ from harness.workflow import (
     BYPASSED, MUTED, TEST_CHECKPOINT, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow,
     node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, widget_inputs, workflow_id, workflow_node_types,
 )
+from harness.workflow_models import (
+    DIT_CONFIGS, TEXT_ENCODER_STAND_IN, TextEncoderStandIn, by_workflow_on_this_host, provide_dit_files,
+)
 
 pytestmark = pytest.mark.integration
 
-TEXT_ENCODER_STAND_IN = "ConsistentStoryTestFluxTextEncoder"  # registered by the flux_text fixture below
 SIZE, STEPS = 64, 2
 THUMBNAIL_MAX_BYTES = 60_000
 MODEL_FILE_WIDGETS = {"ckpt_name"}
@@ -223,24 +225,6 @@ def min_page_height(page_inputs: dict) -> int:
     return 2 * margin + (page_inputs["page_width"] - 2 * margin - (per_row - 1) * gutter) // per_row
 
 
-class FluxTextEncoderStandIn:
-    """A node standing in for DualCLIPLoader in the Flux workflow's test: T5-XXL is too large for the
-    CI machine (see harness/text_encoders.py)."""
-
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
-        from harness.text_encoders import flux_text_encoder
-
-        return (flux_text_encoder(),)
-
-
 @pytest.fixture()
 def csa_calls(comfy, monkeypatch):
     """Every model call (or story sub-call) Consistent Self-Attention ran in the next graphs, as the
@@ -261,29 +245,10 @@ def csa_calls(comfy, monkeypatch):
 
 
 @pytest.fixture()
-def flux_text(comfy):
-    comfy.NODE_CLASS_MAPPINGS[TEXT_ENCODER_STAND_IN] = FluxTextEncoderStandIn
+def text_encoder_stand_in(comfy):
+    comfy.NODE_CLASS_MAPPINGS[TEXT_ENCODER_STAND_IN] = TextEncoderStandIn
     yield
     del comfy.NODE_CLASS_MAPPINGS[TEXT_ENCODER_STAND_IN]
-
-
-def provide_flux_files(prompt: dict, comfy) -> None:
-    """A random Flux.1-dev (one double and one single block) and Flux VAE; the text encoders replaced."""
-    import folder_paths
-
-    from harness.model_files import build_flux, build_flux_vae
-
-    for folder_name, builder, class_type, widget in (
-        ("diffusion_models", build_flux, "UNETLoader", "unet_name"), ("vae", build_flux_vae, "VAELoader", "vae_name"),
-    ):
-        folder = comfy.session_dir / folder_name
-        path = folder / f"random_{folder_name}_flux.safetensors"
-        if not path.exists():
-            builder(path)
-        folder_paths.add_model_folder_path(folder_name, str(folder), is_default=True)
-        set_widgets(prompt, class_type, **{widget: path.name})
-    for node in nodes_of_type(prompt, "DualCLIPLoader").values():
-        node["class_type"], node["inputs"] = TEXT_ENCODER_STAND_IN, {}
 
 
 def provide_user_files(prompt: dict, kind: str, comfy) -> None:
@@ -308,17 +273,18 @@ def provide_user_files(prompt: dict, kind: str, comfy) -> None:
         picture.save(Path(folder_paths.get_input_directory()) / node["inputs"]["image"])
 
 
-@by_workflow(WORKFLOWS)
-def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner, released_after, flux_text,
-                                                 csa_calls):
+@by_workflow_on_this_host(WORKFLOWS)
+def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph_runner, released_after,
+                                                 text_encoder_stand_in, csa_calls):
     workflow = load_workflow(path)
     types = workflow_node_types(workflow)
     absent = sorted(t for t in types if t not in comfy.NODE_CLASS_MAPPINGS)
     assert not absent, f"{path.name} uses node types this ComfyUI does not have: {absent}"
-    prompt = ui_to_api(workflow, node_definitions(comfy.NODE_CLASS_MAPPINGS, types))
+    definitions = node_definitions(comfy.NODE_CLASS_MAPPINGS, types)
+    prompt = ui_to_api(workflow, definitions)
     kind = TEST_CHECKPOINT[workflow_id(path)]
-    if kind == "flux":
-        provide_flux_files(prompt, comfy)
+    if kind in DIT_CONFIGS:
+        provide_dit_files(prompt, kind, comfy, definitions)
     else:
         set_widgets(prompt, "CheckpointLoaderSimple", ckpt_name=checkpoints[kind])
     provide_user_files(prompt, kind, comfy)
