@@ -2,8 +2,9 @@
 
 Each test loads a checkpoint with CheckpointLoaderSimple, patches it with the pack's node as
 ComfyUI loaded it, and samples with ComfyUI's own KSampler code. A probe installed as ComfyUI's
-``optimized_attention_override`` (CSA chains to it) records every attention call, and a post-CFG
-function records the cond/uncond predictions of the first step.
+``optimized_attention_override`` (CSA chains to it) records every attention call, a post-CFG
+function records the cond/uncond predictions of the first step, and two keyed wrappers record the
+step each model call located beside the steps the sampler itself announces.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 PANELS = 4
 SIZE = 64  # pixels; latent 8x8
 NODE = "ConsistentStorySelfAttention"
+STATE_KEY = "consistent_story.csa"  # where CSA keeps a model call's CallState in transformer_options
 CSA_DEFAULTS = dict(rate_fine=0.5, rate_coarse=0.5, window=0, blocks="output", custom_blocks="output 0-2",
                     schedule="always", start_percent=0.0, end_percent=1.0, seed=0)
 
@@ -59,6 +61,49 @@ class FirstStepPredictions(SharedAcrossClones):
         if self.cond is None:
             self.cond, self.uncond = args["cond_denoised"].clone(), args["uncond_denoised"].clone()
         return args["denoised"]
+
+
+class StepRecord(SharedAcrossClones):
+    """The step each model call located, between the steps the sampler announces.
+
+    A SAMPLER_SAMPLE wrapper notes each sampler run's length and hands the sampler a callback that
+    notes every step it announces (k-diffusion calls it once per step, right after that step's first
+    model evaluation); a DIFFUSION_MODEL wrapper notes, for every model call, the step Consistent
+    Self-Attention located for it (its ``CallState``'s planner). Both are ComfyUI's keyed wrappers."""
+
+    def __init__(self):
+        self.events = []
+
+    def install(self, model):
+        model = model.clone()
+        model.add_wrapper_with_key("sampler_sample", "test.steps", self.sampler_run)
+        model.add_wrapper_with_key("diffusion_model", "test.steps", self.model_call)
+        return model
+
+    def sampler_run(self, executor, guider, sigmas, extra_args, callback, *args, **kwargs):
+        self.events.append(f"run of {len(sigmas) - 1}")
+
+        def announce(step, *rest):
+            self.events.append(f"step {step}")
+            return callback(step, *rest)
+
+        return executor(guider, sigmas, extra_args, announce, *args, **kwargs)
+
+    def model_call(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        state = transformer_options.get(STATE_KEY)
+        step = None if state is None else state.planner.step
+        self.events.append("call outside CSA" if step is None else f"call at {step.index} of {step.total}")
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
+def sampler_run(steps, before, after=lambda step: ()):
+    """The events of one sampler run of ``steps`` steps: the steps the calls before and after the
+    announcement of each step locate."""
+    events = [f"run of {steps}"]
+    for step in range(steps):
+        events += [f"call at {s} of {steps}" for s in before(step)] + [f"step {step}"]
+        events += [f"call at {s} of {steps}" for s in after(step)]
+    return events
 
 
 ENCODED = {}  # (id(clip), text) -> (clip, CONDITIONING): CLIP-G on the CPU costs seconds a prompt
@@ -252,12 +297,15 @@ def test_survives_downstream_clones_and_refuses_a_second_patch(comfy, loaded):
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
-def test_samplers_with_extra_evaluations(comfy, loaded, sampler):
+def test_samplers_with_extra_evaluations_locate_the_step_of_their_sigma(comfy, loaded, sampler):
+    """heun evaluates step i at sigma i, then (but on the last step) at sigma i+1; dpm_2 at sigma i,
+    then between sigma i and i+1, nearer i+1. Each call takes the step whose sigma is nearest: the
+    second evaluation that of step i+1, so no extra call shifts a later step."""
     model, clip = loaded("sd15_small")
-    patched = patch(comfy, model, schedule="official")
-    first = sample(comfy, patched, clip, sampler=sampler, steps=4)
-    assert torch.equal(first, sample(comfy, patched, clip, sampler=sampler, steps=4))
-    assert not torch.equal(first, sample(comfy, model, clip, sampler=sampler, steps=4))
+    patched, record = patch(comfy, model, schedule="official"), StepRecord()
+    result = sample(comfy, record.install(patched), clip, sampler=sampler, steps=3)
+    assert record.events == sampler_run(3, lambda i: [i], lambda i: [i + 1] if i < 2 else [])
+    assert not torch.equal(result, sample(comfy, model, clip, sampler=sampler, steps=3))
 
 
 def test_cfg_one_several_positives_and_area_conds(comfy, loaded):
@@ -283,14 +331,32 @@ def test_cfg_one_several_positives_and_area_conds(comfy, loaded):
     assert area_calls == {2 * PANELS}
 
 
-def test_perturbed_attention_guidance_reruns(comfy, loaded):
+@pytest.mark.parametrize("guidance,options", [("PerturbedAttentionGuidance", {"scale": 2.0}),
+                                              ("SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0})])
+def test_guidance_reruns_locate_the_step_of_the_call_they_guide(comfy, loaded, guidance, options):
+    """PAG and SAG run the model a second time at the same sigma, inside the same sampler step."""
     model, clip = loaded("sd15_small")
-    pag = comfy.NODE_CLASS_MAPPINGS["PerturbedAttentionGuidance"]
-    guided = pag.execute(model=patch(comfy, model), scale=2.0)
-    guided = guided.result[0] if hasattr(guided, "result") else guided[0]
-    first = sample(comfy, guided, clip, steps=2)
-    assert torch.isfinite(first).all()
-    assert torch.equal(first, sample(comfy, guided, clip, steps=2))
+    guided = comfy.NODE_CLASS_MAPPINGS[guidance].execute(model=patch(comfy, model), **options)
+    guided, record = (guided.result[0] if hasattr(guided, "result") else guided[0]), StepRecord()
+    assert torch.isfinite(sample(comfy, record.install(guided), clip, steps=3)).all()
+    assert record.events == sampler_run(3, lambda i: [i, i])
+
+
+def test_a_second_sampler_on_the_same_model_counts_its_own_steps(comfy, loaded):
+    """Refiner style (KSamplerAdvanced to step 2 of 4, then from step 2) and a second KSampler at
+    denoise 0.5: each sampler run locates the steps of the schedule it was given, from 0, so
+    start_percent, end_percent and the official schedule count each run's own steps."""
+    model, clip = loaded("sd15_small")
+    record = StepRecord()
+    patched = record.install(patch(comfy, model))
+    pos, neg = encode(comfy, clip, "a knight in red armour"), encode(comfy, clip, "blurry")
+    latent = {"samples": torch.zeros(PANELS, 4, SIZE // 8, SIZE // 8)}
+    advanced, plain = comfy.nodes.KSamplerAdvanced(), comfy.nodes.KSampler()
+    with torch.inference_mode():
+        half = advanced.sample(patched, "enable", 1, 4, 5.0, "euler", "normal", pos, neg, latent, 0, 2, "enable")[0]
+        done = advanced.sample(patched, "disable", 1, 4, 5.0, "euler", "normal", pos, neg, half, 2, 10000, "disable")[0]
+        plain.sample(patched, 1, 2, 5.0, "euler", "normal", pos, neg, done, denoise=0.5)
+    assert record.events == 3 * sampler_run(2, lambda i: [i])
 
 
 def test_prompt_batch_that_does_not_match_the_latent_batch_says_how_to_wire_it(comfy, loaded):
