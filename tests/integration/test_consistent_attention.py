@@ -3,7 +3,7 @@
 Each test loads a checkpoint with CheckpointLoaderSimple, patches it with the pack's node as
 ComfyUI loaded it, and samples with ComfyUI's own KSampler code. A probe installed as ComfyUI's
 ``optimized_attention_override`` (CSA chains to it) records every attention call, a post-CFG
-function records the cond/uncond predictions of the first step, and two keyed wrappers record the
+function records the cond/uncond predictions of the first step, and keyed wrappers record the
 step each model call located beside the steps the sampler itself announces.
 """
 from __future__ import annotations
@@ -66,18 +66,21 @@ class FirstStepPredictions(SharedAcrossClones):
 class StepRecord(SharedAcrossClones):
     """The step each model call located, between the steps the sampler announces.
 
-    A SAMPLER_SAMPLE wrapper notes each sampler run's length and hands the sampler a callback that
-    notes every step it announces (k-diffusion calls it once per step, right after that step's first
-    model evaluation); a DIFFUSION_MODEL wrapper notes, for every model call, the step Consistent
-    Self-Attention located for it (its ``CallState``'s planner). Both are ComfyUI's keyed wrappers."""
+    Three of ComfyUI's keyed wrappers, installed on the model before Consistent Self-Attention (so
+    the APPLY_MODEL one runs outside CSA's): SAMPLER_SAMPLE notes each sampler run's length and hands
+    the sampler a callback that notes every step it announces (k-diffusion calls it once per step,
+    right after that step's first model evaluation); APPLY_MODEL notes each model call, with the step
+    that DIFFUSION_MODEL read, for every UNet (sub-)call of it, from CSA's ``CallState``."""
 
     def __init__(self):
-        self.events = []
+        self.events, self._located = [], []
+        self.unet_calls = 0  # every UNet call, a story's sub-calls each
 
     def install(self, model):
         model = model.clone()
         model.add_wrapper_with_key("sampler_sample", "test.steps", self.sampler_run)
-        model.add_wrapper_with_key("diffusion_model", "test.steps", self.model_call)
+        model.add_wrapper_with_key("apply_model", "test.steps", self.model_call)
+        model.add_wrapper_with_key("diffusion_model", "test.steps", self.unet_call)
         return model
 
     def sampler_run(self, executor, guider, sigmas, extra_args, callback, *args, **kwargs):
@@ -89,10 +92,18 @@ class StepRecord(SharedAcrossClones):
 
         return executor(guider, sigmas, extra_args, announce, *args, **kwargs)
 
-    def model_call(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def model_call(self, executor, *args, **kwargs):
+        self._located = []
+        out = executor(*args, **kwargs)
+        located = set(self._located)
+        self.events.append(f"call at {located.pop()}" if len(located) == 1 else f"call with sub-calls at {located}")
+        return out
+
+    def unet_call(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         state = transformer_options.get(STATE_KEY)
         step = None if state is None else state.planner.step
-        self.events.append("call outside CSA" if step is None else f"call at {step.index} of {step.total}")
+        self.unet_calls += 1
+        self._located.append("no step: outside CSA" if step is None else f"{step.index} of {step.total}")
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
@@ -302,8 +313,8 @@ def test_samplers_with_extra_evaluations_locate_the_step_of_their_sigma(comfy, l
     then between sigma i and i+1, nearer i+1. Each call takes the step whose sigma is nearest: the
     second evaluation that of step i+1, so no extra call shifts a later step."""
     model, clip = loaded("sd15_small")
-    patched, record = patch(comfy, model, schedule="official"), StepRecord()
-    result = sample(comfy, record.install(patched), clip, sampler=sampler, steps=3)
+    record = StepRecord()
+    result = sample(comfy, patch(comfy, record.install(model), schedule="official"), clip, sampler=sampler, steps=3)
     assert record.events == sampler_run(3, lambda i: [i], lambda i: [i + 1] if i < 2 else [])
     assert not torch.equal(result, sample(comfy, model, clip, sampler=sampler, steps=3))
 
@@ -336,9 +347,10 @@ def test_cfg_one_several_positives_and_area_conds(comfy, loaded):
 def test_guidance_reruns_locate_the_step_of_the_call_they_guide(comfy, loaded, guidance, options):
     """PAG and SAG run the model a second time at the same sigma, inside the same sampler step."""
     model, clip = loaded("sd15_small")
-    guided = comfy.NODE_CLASS_MAPPINGS[guidance].execute(model=patch(comfy, model), **options)
-    guided, record = (guided.result[0] if hasattr(guided, "result") else guided[0]), StepRecord()
-    assert torch.isfinite(sample(comfy, record.install(guided), clip, steps=3)).all()
+    record = StepRecord()
+    guided = comfy.NODE_CLASS_MAPPINGS[guidance].execute(model=patch(comfy, record.install(model)), **options)
+    guided = guided.result[0] if hasattr(guided, "result") else guided[0]
+    assert torch.isfinite(sample(comfy, guided, clip, steps=3)).all()
     assert record.events == sampler_run(3, lambda i: [i, i])
 
 
@@ -348,7 +360,7 @@ def test_a_second_sampler_on_the_same_model_counts_its_own_steps(comfy, loaded):
     start_percent, end_percent and the official schedule count each run's own steps."""
     model, clip = loaded("sd15_small")
     record = StepRecord()
-    patched = record.install(patch(comfy, model))
+    patched = patch(comfy, record.install(model))
     pos, neg = encode(comfy, clip, "a knight in red armour"), encode(comfy, clip, "blurry")
     latent = {"samples": torch.zeros(PANELS, 4, SIZE // 8, SIZE // 8)}
     advanced, plain = comfy.nodes.KSamplerAdvanced(), comfy.nodes.KSampler()
