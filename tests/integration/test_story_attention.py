@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_consistent_attention import SharedAcrossClones, StepRecord, output_transformer_layers, sampler_run
+from harness.step_record import StepRecord, sampler_run
+from test_consistent_attention import SharedAcrossClones, output_transformer_layers
 
 pytestmark = pytest.mark.integration
 
