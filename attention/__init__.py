@@ -10,7 +10,7 @@ from .config import ConsistentAttentionError, CSAConfig, parse_block_list
 from .kernels import KERNELS, KernelChoice
 from .layers import downsample_factor
 from .planner import CallPlanner, layer_seed, panels_per_chunk
-from .rows import call_rows, index_tensor, take_rows
+from .rows import index_tensor, take_rows
 from .schedule import Step, layer_active, locate_step, mix_seed, step_in_range
 from .story_attention import StoryCall
 from .token_layout import RoPE, TokenLayout, dit_layout, extend_mask, patch_grid, rope_shift
@@ -29,7 +29,6 @@ __all__ = [
     "StoryCast",
     "RoPE",
     "TokenLayout",
-    "call_rows",
     "index_tensor",
     "dit_layout",
     "downsample_factor",

@@ -88,9 +88,6 @@ class StoryCast:
         """The reference rows, numbered after the story's panels, in slot order."""
         return tuple(range(self.panels, self.panels + sum(self.references)))
 
-    def character_of_reference(self, panel: int) -> int:
-        return next(c for c, panels in enumerate(self.identity) if self.references[c] and panel in panels)
-
     @property
     def identity_panels(self) -> tuple[int, ...]:
         """Every identity panel, in slot order."""

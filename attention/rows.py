@@ -19,11 +19,6 @@ def index_tensor(values, device) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.long).to(device, non_blocking=True)
 
 
-def call_rows(panels: tuple[int, ...], chunks: int, panels_per_chunk: int) -> list[int]:
-    """Batch rows of ``panels`` in every chunk (row ``c * panels_per_chunk + p``), chunk-major."""
-    return [chunk * panels_per_chunk + panel for chunk in range(chunks) for panel in panels]
-
-
 def take_rows(value, index: torch.Tensor, rows: int, name: str):
     """``value`` with only the batch rows ``index`` (a CPU tensor) of every tensor of ``rows`` rows in it.
 

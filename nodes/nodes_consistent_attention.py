@@ -73,11 +73,12 @@ class ConsistentSelfAttention(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="CSA runs from this fraction of the sampling steps on (0 = first step).",
+                    tooltip="CSA runs from this fraction of the sampler's steps on (0 = first step). A sampler that "
+                    "starts later (KSamplerAdvanced from step 20, denoise below 1) counts its own steps.",
                 ),
                 io.Float.Input(
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="CSA stops before this fraction of the sampling steps (1 = through the last step).",
+                    tooltip="CSA stops before this fraction of the sampler's steps (1 = through the last step).",
                 ),
                 io.Int.Input(
                     "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,

@@ -148,10 +148,6 @@ class Story:
         return self.template.replace(PROMPT_SLOT, self.character(name).description)
 
     @property
-    def prompts(self) -> tuple[str, ...]:
-        return tuple(panel.prompt for panel in self.panels)
-
-    @property
     def captions(self) -> tuple[str, ...]:
         return tuple(panel.caption for panel in self.panels)
 

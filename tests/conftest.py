@@ -2,7 +2,8 @@
 
 Unit tests (tests/unit) need only torch. Integration tests (tests/integration) use the
 ``comfy`` fixture, which imports the real ComfyUI found by scripts/comfy_host.py and fails
-the test, never skips it, when there is none.
+the test, never skips it, when there is none. Packaging tests (tests/packaging) run the real
+comfy-cli and git, and fail without them.
 """
 import os
 import sys

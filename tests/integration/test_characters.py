@@ -99,9 +99,12 @@ def test_reference_rows_are_the_noised_reference_run_alone(comfy, sd15, panels_p
     reference_calls = [c for c in calls.calls if c[0] == cast.reference_panels]
     assert len(reference_calls) == 3 * (1 if panels_per_call == 0 else 2), "every step, before the panels"
     base = model.model
-    clean = base.process_latent_in(ref.latents)
+    from comfy import model_management
+
+    model_management.load_models_gpu([patched])  # the UNet runs below, where the sampler ran it
     noises = []
     for _, x, timesteps, context, kinds, out in reference_calls:
+        clean = base.process_latent_in(ref.latents).to(x.device)  # the character keeps its latents on the CPU
         sigma = base.model_sampling.sigma(timesteps[:1])
         noisy = x.reshape(len(kinds), 2, *x.shape[1:])[0]  # ComfyUI's c_in scaling undone below
         noisy = noisy / base.model_sampling.calculate_input(sigma, torch.ones_like(noisy))

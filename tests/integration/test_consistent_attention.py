@@ -2,13 +2,16 @@
 
 Each test loads a checkpoint with CheckpointLoaderSimple, patches it with the pack's node as
 ComfyUI loaded it, and samples with ComfyUI's own KSampler code. A probe installed as ComfyUI's
-``optimized_attention_override`` (CSA chains to it) records every attention call, and a post-CFG
-function records the cond/uncond predictions of the first step.
+``optimized_attention_override`` (CSA chains to it) records every attention call, a post-CFG
+function records the cond/uncond predictions of the first step, and keyed wrappers record the
+step each model call located beside the steps the sampler itself announces.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+
+from harness.step_record import StepRecord, sampler_run
 
 PANELS = 4
 SIZE = 64  # pixels; latent 8x8
@@ -252,12 +255,15 @@ def test_survives_downstream_clones_and_refuses_a_second_patch(comfy, loaded):
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
-def test_samplers_with_extra_evaluations(comfy, loaded, sampler):
+def test_samplers_with_extra_evaluations_locate_the_step_of_their_sigma(comfy, loaded, sampler):
+    """heun evaluates step i at sigma i, then (but on the last step) at sigma i+1; dpm_2 at sigma i,
+    then between sigma i and i+1, nearer i+1. Each call takes the step whose sigma is nearest: the
+    second evaluation that of step i+1, so no extra call shifts a later step."""
     model, clip = loaded("sd15_small")
-    patched = patch(comfy, model, schedule="official")
-    first = sample(comfy, patched, clip, sampler=sampler, steps=4)
-    assert torch.equal(first, sample(comfy, patched, clip, sampler=sampler, steps=4))
-    assert not torch.equal(first, sample(comfy, model, clip, sampler=sampler, steps=4))
+    record = StepRecord()
+    result = sample(comfy, patch(comfy, record.install(model), schedule="official"), clip, sampler=sampler, steps=3)
+    assert record.events == sampler_run(3, lambda i: [i], lambda i: [i + 1] if i < 2 else [])
+    assert not torch.equal(result, sample(comfy, model, clip, sampler=sampler, steps=3))
 
 
 def test_cfg_one_several_positives_and_area_conds(comfy, loaded):
@@ -283,14 +289,33 @@ def test_cfg_one_several_positives_and_area_conds(comfy, loaded):
     assert area_calls == {2 * PANELS}
 
 
-def test_perturbed_attention_guidance_reruns(comfy, loaded):
+@pytest.mark.parametrize("guidance,options", [("PerturbedAttentionGuidance", {"scale": 2.0}),
+                                              ("SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0})])
+def test_guidance_reruns_locate_the_step_of_the_call_they_guide(comfy, loaded, guidance, options):
+    """PAG and SAG run the model a second time at the same sigma, inside the same sampler step."""
     model, clip = loaded("sd15_small")
-    pag = comfy.NODE_CLASS_MAPPINGS["PerturbedAttentionGuidance"]
-    guided = pag.execute(model=patch(comfy, model), scale=2.0)
+    record = StepRecord()
+    guided = comfy.NODE_CLASS_MAPPINGS[guidance].execute(model=patch(comfy, record.install(model)), **options)
     guided = guided.result[0] if hasattr(guided, "result") else guided[0]
-    first = sample(comfy, guided, clip, steps=2)
-    assert torch.isfinite(first).all()
-    assert torch.equal(first, sample(comfy, guided, clip, steps=2))
+    assert torch.isfinite(sample(comfy, guided, clip, steps=3)).all()
+    assert record.events == sampler_run(3, lambda i: [i, i])
+
+
+def test_a_second_sampler_on_the_same_model_counts_its_own_steps(comfy, loaded):
+    """Refiner style (KSamplerAdvanced to step 2 of 4, then from step 2) and a second KSampler at
+    denoise 0.5: each sampler run locates the steps of the schedule it was given, from 0, so
+    start_percent, end_percent and the official schedule count each run's own steps."""
+    model, clip = loaded("sd15_small")
+    record = StepRecord()
+    patched = patch(comfy, record.install(model))
+    pos, neg = encode(comfy, clip, "a knight in red armour"), encode(comfy, clip, "blurry")
+    latent = {"samples": torch.zeros(PANELS, 4, SIZE // 8, SIZE // 8)}
+    advanced, plain = comfy.nodes.KSamplerAdvanced(), comfy.nodes.KSampler()
+    with torch.inference_mode():
+        half = advanced.sample(patched, "enable", 1, 4, 5.0, "euler", "normal", pos, neg, latent, 0, 2, "enable")[0]
+        done = advanced.sample(patched, "disable", 1, 4, 5.0, "euler", "normal", pos, neg, half, 2, 10000, "disable")[0]
+        plain.sample(patched, 1, 2, 5.0, "euler", "normal", pos, neg, done, denoise=0.5)
+    assert record.events == 3 * sampler_run(2, lambda i: [i])
 
 
 def test_prompt_batch_that_does_not_match_the_latent_batch_says_how_to_wire_it(comfy, loaded):

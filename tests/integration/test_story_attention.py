@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.step_record import StepRecord, sampler_run
 from test_consistent_attention import SharedAcrossClones, output_transformer_layers
 
 pytestmark = pytest.mark.integration
@@ -205,11 +206,14 @@ def test_wiring_and_option_errors_name_the_fix(comfy, story_setup, loaded):
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
 def test_samplers_with_extra_evaluations_and_cfg_one(comfy, story_setup, sampler):
     model, _, positive, negative, panels, story = story_setup
-    patched = patch(comfy, model, story, schedule="official", panels_per_call=3)
-    first = sample(comfy, patched, positive, negative, panels, steps=4, sampler=sampler)
+    record = StepRecord()
+    patched = patch(comfy, record.install(model), story, schedule="official", panels_per_call=3)
+    first = sample(comfy, patched, positive, negative, panels, steps=3, sampler=sampler)
     assert torch.isfinite(first).all()
-    assert torch.equal(first, sample(comfy, patched, positive, negative, panels, steps=4, sampler=sampler))
-    assert not torch.equal(first, sample(comfy, model, positive, negative, panels, steps=4, sampler=sampler))
+    # every sub-call of a model call at that call's step: heun's / dpm_2's second evaluation at the next
+    assert record.events == sampler_run(3, lambda i: [i], lambda i: [i + 1] if i < 2 else [])
+    assert record.unet_calls > 5, "the story ran in several sub-calls per model call"
+    assert not torch.equal(first, sample(comfy, model, positive, negative, panels, steps=3, sampler=sampler))
     probe = StoryProbe()
     sample(comfy, with_probe(patch(comfy, model, story, panels_per_call=3), probe), positive, negative, panels,
            steps=1, cfg=1.0)
@@ -220,14 +224,15 @@ def test_guidance_nodes_that_rerun_the_model(comfy, story_setup):
     model, _, positive, negative, panels, story = story_setup
     nodes = comfy.NODE_CLASS_MAPPINGS
 
-    def guided(node, per_call, **options):
-        result = nodes[node].execute(model=patch(comfy, model, story, panels_per_call=per_call), **options)
+    def guided(node, per_call, base=model, **options):
+        result = nodes[node].execute(model=patch(comfy, base, story, panels_per_call=per_call), **options)
         return result.result[0] if hasattr(result, "result") else result[0]
 
-    for per_call in (0, 2):  # PAG's extra model call is split like any other
-        pag = guided("PerturbedAttentionGuidance", per_call, scale=2.0)
-        first = sample(comfy, pag, positive, negative, panels)
-        assert torch.isfinite(first).all() and torch.equal(first, sample(comfy, pag, positive, negative, panels))
+    for per_call in (0, 2):  # PAG's extra model call is split like any other, at the step of the call it guides
+        record = StepRecord()
+        pag = guided("PerturbedAttentionGuidance", per_call, record.install(model), scale=2.0)
+        assert torch.isfinite(sample(comfy, pag, positive, negative, panels)).all()
+        assert record.events == sampler_run(2, lambda i: [i, i])
     sag = sample(comfy, guided("SelfAttentionGuidance", 0, scale=0.5, blur_sigma=2.0), positive, negative, panels,
                  steps=1)
     assert torch.isfinite(sag).all()

@@ -12,7 +12,6 @@ from consistent_story.attention import (  # noqa: E402
     Step,
     StoryCall,
     StoryCast,
-    call_rows,
     take_rows,
 )
 
@@ -105,7 +104,7 @@ def run_story(c, q, k, v, chunks, per_call, rate, heads=2):
     story = StoryCall(CallPlanner(config, Step(0, 1)), c, chunks)
     out = torch.empty_like(q)
     for panels in c.call_plan(per_call):
-        rows = torch.tensor(call_rows(panels, chunks, c.panels))
+        rows = torch.tensor([chunk * c.panels + panel for chunk in range(chunks) for panel in panels])
         result = story.attention((("output", 0), 0), panels, q[rows], k[rows], v[rows], (4, 4), sdpa(heads))
         out[rows] = result
     return out, story
@@ -157,7 +156,6 @@ def test_take_rows_cuts_nested_inputs_and_names_what_it_cannot():
     assert isinstance(taken["b"], tuple) and taken["b"][1] == 2.0
     with pytest.raises(ConsistentAttentionError, match=r"'control\.a\[1\]' has 3 rows for a batch of 4"):
         take_rows({"a": [x, torch.ones(3)]}, index, 4, "control")
-    assert call_rows((1, 3), 2, 5) == [1, 3, 6, 8]
 
 
 def test_a_single_call_keeps_one_layer_of_identity_tokens_at_a_time():

@@ -10,8 +10,9 @@ Python process: the test fails if comfy-cli tried the network.
 comfy-cli 1.23's `validate` only exits non-zero when pyproject.toml is missing, unparsable or
 has no version; bad classifiers, a malformed `requires-comfyui` and ruff's exec/eval findings
 are printed warnings with exit 0. So the test also fails on any warning, and shows, on small
-broken copies, that each of those is caught. Without comfy-cli (tests/requirements.txt) it
-fails, never skips.
+broken copies, that each of those is caught. A packaging test, not a unit test: it needs
+comfy-cli (tests/requirements.txt, which bash scripts/setup.sh installs) and git, and fails, never
+skips, without them. ``pytest -m "not packaging"`` leaves it out.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+pytestmark = pytest.mark.packaging
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
