@@ -114,7 +114,7 @@ class StoryCall:
             self.bank_peak = max(self.bank_peak, self.bank_bytes())
         bank = self.bank.get(layer) if self.keep_bank else self.bank.pop(layer, None)
         out = None
-        for group in rows.groups:
+        for index, group in enumerate(rows.groups):
             q_g, k_g, v_g = (group.take(t) for t in (q, k, v))
             mask_g = mask if mask is None or mask.shape[0] == 1 else group.take(mask)
             if group.bank_rows is not None:
@@ -123,6 +123,8 @@ class StoryCall:
                 k_g, v_g = (layout.extend(t, stored, group.bank_rows) for t, stored in zip((k_g, v_g), bank))
                 if mask_g is not None:
                     mask_g = extend_mask(mask_g, first + self._read_positions(group.bank_rows, shared, count))
+            if not self.keep_bank and index == len(rows.groups) - 1:
+                bank = None  # the last readers hold copies: the layer's shared tokens go before its attention runs
             result = attend(q_g, k_g, v_g, group.names, mask_g)
             if group.everyone:
                 return result
