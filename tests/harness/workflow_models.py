@@ -3,9 +3,9 @@ diffusion models and VAEs that UNETLoader and VAELoader load and detect as the f
 test node standing in for the workflow's text-encoder loader (the real encoders are too large
 for the CI machine: harness/text_encoders.py).
 
-Which host can run which workflow: a workflow for a family that only newer ComfyUI has is
-skipped on an older host, the reason naming the missing config class (``host_lacks``); the
-source of the host found is read, so no host at all still fails (the ``comfy`` fixture).
+Which host can run which workflow: a workflow for a family that only newer ComfyUI has is not
+collected on an older host (``host_lacks`` names the missing config class); the source of the
+host found is read, so no host at all still fails (the ``comfy`` fixture).
 """
 from __future__ import annotations
 
@@ -105,14 +105,12 @@ def provide_dit_files(prompt: dict, kind: str, comfy, definitions: dict) -> None
 
 
 def by_workflow_on_this_host(paths):
-    """``harness.workflow.by_workflow`` for tests that run a workflow's models: a workflow whose
-    family this host lacks is skipped, the reason naming what is missing (``host_lacks``)."""
+    """``harness.workflow.by_workflow`` for tests that run a workflow's models: only the workflows
+    whose family this host has (``host_lacks``), as tests/integration/test_dit_families.py takes
+    only the host's families. Nothing is skipped: a workflow is either run or not collected."""
     import pytest
 
     from harness.workflow import TEST_CHECKPOINT, workflow_id
 
-    params = []
-    for path in paths:
-        reason = host_lacks(TEST_CHECKPOINT.get(workflow_id(path), ""))
-        params.append(pytest.param(path, id=workflow_id(path), marks=[pytest.mark.skip(reason=reason)] if reason else []))
-    return pytest.mark.parametrize("path", params)
+    runnable = [path for path in paths if host_lacks(TEST_CHECKPOINT.get(workflow_id(path), "")) is None]
+    return pytest.mark.parametrize("path", [pytest.param(path, id=workflow_id(path)) for path in runnable])
