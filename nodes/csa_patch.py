@@ -139,7 +139,7 @@ class ConsistentAttentionPatch:
         model.set_model_attn1_patch(self)
 
     def check_batch(self, executor, noise, *args, **kwargs):
-        story_panels = None if self.cast is None else self.cast.panels
+        story_panels = None if self.cast is None else len(self.cast.batch)
         return check_panel_batch(executor, noise, *args, story_panels=story_panels, **kwargs)
 
     def size_model_load(self, executor, model, noise_shape, conds, model_options=None, **kwargs):
