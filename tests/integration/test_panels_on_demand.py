@@ -89,3 +89,27 @@ def test_drawn_panels_equal_the_whole_run_and_only_they_are_sampled(story_runs, 
             assert torch.equal(part, same), f"panels '{panels}': the whole run's panels {drawn}, bit for bit"
         else:
             assert (part - same).abs().max() <= 1e-5 * scale, f"panels '{panels}'"
+
+
+def test_a_part_keeps_the_whole_storys_token_length_and_errors_name_the_input(comfy, loaded):
+    model, clip = loaded("sd15_small")
+    prompts, csa = comfy.NODE_CLASS_MAPPINGS["ConsistentStoryPrompts"], comfy.NODE_CLASS_MAPPINGS["ConsistentStorySelfAttention"]
+    long_panel = "[Bob] eats an apple, " + " ".join(["green"] * 80)  # two 77-token chunks
+    text = STORY.replace("[Bob] eats an apple", long_panel)
+
+    def run(panels="", **options):
+        with torch.inference_mode():
+            return prompts.execute(clip=clip, story=text, style="No style", negative="blurry", panels=panels,
+                                   **options).result
+
+    whole, part = run(), run("4")
+    assert whole[0][0][0].shape[1] == part[0][0][0].shape[1] == 154, "the undrawn long panel sets the length"
+    assert torch.equal(part[0][0][0][0], whole[0][0][0][3]) and part[2] == 1 and part[3] == ""
+    with pytest.raises(ValueError, match="panels: '9' is outside the story, whose panels are numbered 1 to 7"):
+        run("9")
+    story = run("7", identity_panels=1)[4]
+    options = dict(rate_fine=0.5, rate_coarse=0.5, window=0, blocks="output", custom_blocks="", schedule="always",
+                   start_percent=0.0, end_percent=1.0, seed=0, story=story)
+    with pytest.raises(ValueError, match="Story Prompts' identity_panels is 1 but this node's is 2"):
+        csa.execute(model=model, **options)
+    csa.execute(model=model, **{**options, "identity_panels": 1})
