@@ -3,8 +3,11 @@ whole story's run, and samples only the drawn rows: real graphs (Story Prompts, 
 Consistent Self-Attention, KSampler) on a random-weight SD1.5 checkpoint, on the CPU."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from harness.runner import GraphError
 
 from test_story_attention import STORY
 
@@ -32,12 +35,14 @@ class UNetRows:
         self.handle.remove()
 
 
-def story_graph(ckpt_name: str, panels: str, panels_per_call: int):
+def story_graph(ckpt_name: str, panels: str, panels_per_call: int, text: str = STORY, name: str = ""):
+    """Story Prompts -> Story Latent -> CSA -> KSampler -> VAE Decode -> a preview, or with ``name`` Comic Page
+    (story connected) -> a preview."""
     from comfy_execution.graph_utils import GraphBuilder
 
     g = GraphBuilder(prefix="")
     checkpoint = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_name)
-    story = g.node("ConsistentStoryPrompts", clip=checkpoint.out(1), story=STORY, style="No style", negative="blurry",
+    story = g.node("ConsistentStoryPrompts", clip=checkpoint.out(1), story=text, style="No style", negative="blurry",
                    panels=panels)
     latent = g.node("ConsistentStoryLatent", story=story.out(4), width=64, height=64)
     csa = g.node("ConsistentStorySelfAttention", model=checkpoint.out(0), rate_fine=0.5, rate_coarse=0.5, window=0,
@@ -47,48 +52,73 @@ def story_graph(ckpt_name: str, panels: str, panels_per_call: int):
                      latent_image=latent.out(0), seed=3, steps=STEPS, cfg=5.0, sampler_name="euler",
                      scheduler="normal", denoise=1.0)
     decode = g.node("VAEDecode", samples=sampler.out(0), vae=checkpoint.out(2))
-    g.node("PreviewImage", images=decode.out(0))
-    return g.finalize(), story.id, sampler.id
+    shown = decode
+    if name:
+        shown = g.node("ConsistentStoryComicPage", images=decode.out(0), captions=story.out(3), layout="grid",
+                       columns=4, seed=0, reading_order="left to right", page_width=320, panels_per_page=0, gutter=4,
+                       margin=4, caption_font_size=0, background_color="#FFFFFF", story=story.out(4), name=name)
+    g.node("PreviewImage", images=shown.out(0))
+    return g.finalize(), story.id, sampler.id, shown.id
 
 
 @pytest.fixture(scope="module")
 def story_runs(comfy, checkpoints, graph_runner):
-    """run(panels, panels_per_call) -> (sampled latents, UNet rows per call, panel_count); one executor,
-    so the checkpoint loads once, as on a server."""
+    """run(panels, panels_per_call, text=, name=) -> {samples, rows (UNet rows per call), panel_count, page};
+    one executor, so the checkpoint loads once, as on a server."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from harness.runner import graph_executor
 
     executor = graph_executor()
 
-    def run(panels: str, panels_per_call: int):
-        prompt, story_id, sampler_id = story_graph(checkpoints["sd15_small"], panels, panels_per_call)
+    def run(panels: str, panels_per_call: int, **page):
+        prompt, story_id, sampler_id, shown_id = story_graph(checkpoints["sd15_small"], panels, panels_per_call, **page)
         with UNetRows(UNetModel) as counted:
             result = graph_runner(prompt, executor=executor)
-        return result.output(sampler_id)["samples"], counted.rows, result.output(story_id, 2)
+        return {"samples": result.output(sampler_id)["samples"], "rows": counted.rows,
+                "panel_count": result.output(story_id, 2), "page": result.output(shown_id)}
 
     return run
 
 
-@pytest.mark.parametrize("panels_per_call", [1, 0])
-def test_drawn_panels_equal_the_whole_run_and_only_they_are_sampled(story_runs, panels_per_call):
-    """panels_per_call 1: every model call of a part is a call of the whole run, so the drawn panels
-    are the whole run's bit for bit. 0: the part runs in one smaller call, which only rounds
-    differently (as any smaller batch does)."""
-    cases = DRAWN if panels_per_call == 1 else {panels: DRAWN[panels] for panels in ("", "7")}
-    runs = {}
-    for panels, drawn in cases.items():
-        samples, rows, panel_count = story_runs(panels, panels_per_call)
-        assert panel_count == len(drawn) == samples.shape[0], "panel_count and the latent: the drawn rows"
-        assert sum(rows) == STEPS * 2 * len(drawn), "each drawn row, both CFG halves, once per step; no other"
-        runs[panels] = samples
-    whole = runs[""]
-    scale = whole.abs().max()
-    for panels, drawn in cases.items():
-        part, same = runs[panels], whole[list(drawn)]
-        if panels_per_call == 1:
-            assert torch.equal(part, same), f"panels '{panels}': the whole run's panels {drawn}, bit for bit"
-        else:
-            assert (part - same).abs().max() <= 1e-5 * scale, f"panels '{panels}'"
+def check_drawn_rows(run: dict, drawn: tuple) -> torch.Tensor:
+    assert run["panel_count"] == len(drawn) == run["samples"].shape[0], "panel_count and the latent: the drawn rows"
+    assert sum(run["rows"]) == STEPS * 2 * len(drawn), "each drawn row, both CFG halves, once per step; no other"
+    return run["samples"]
+
+
+def test_drawn_panels_are_the_whole_runs_bit_for_bit_and_pages_take_the_saved_panels(comfy, story_runs, tmp_path):
+    """panels_per_call 1: every model call of a part is a call of the whole run, so the drawn panels are
+    the whole run's bit for bit, and Comic Page lays out the same pages from them and the saved panels.
+    After panel 7's line changes, only panel 7 is drawn again; a later part finds it."""
+    import folder_paths
+
+    name = f"test {tmp_path.name}"
+    runs = {panels: story_runs(panels, 1, name=name) for panels in DRAWN}
+    whole = check_drawn_rows(runs[""], DRAWN[""])
+    for panels, drawn in DRAWN.items():
+        part = check_drawn_rows(runs[panels], drawn)
+        assert torch.equal(part, whole[list(drawn)]), f"panels '{panels}': the whole run's panels {drawn}, bit for bit"
+        assert torch.equal(runs[panels]["page"], runs[""]["page"]), f"panels '{panels}': the same pages"
+    folder = Path(folder_paths.get_output_directory()) / "consistent_story_panels" / name
+    assert len(list(folder.glob("panel_*.png"))) == 7
+    edited = STORY.replace("[Bob] eats an apple", "[Bob] reads a letter")
+    changed = story_runs("7", 1, name=name, text=edited)["page"]
+    assert changed.shape == runs[""]["page"].shape and not torch.equal(changed, runs[""]["page"])
+    assert len(list(folder.glob("panel_007_*.png"))) == 2, "the edited panel 7 is saved beside the old one"
+    assert torch.equal(story_runs("4", 1, name=name, text=edited)["page"], changed), "found by the next part"
+    with pytest.raises(GraphError, match=r"Panels 2, 4, 5, 6, 7 of this story have no saved image"):
+        story_runs("1", 1, name=name + " new")
+    (folder / next(folder.glob("panel_001_*.png")).name).write_bytes(b"not a panel")
+    with pytest.raises(GraphError, match="is not a panel saved by Comic Page"):
+        story_runs("7", 1, name=name)
+
+
+def test_in_one_call_a_part_only_rounds_differently(story_runs, tmp_path):
+    """panels_per_call 0: the part runs in one smaller call, which only rounds differently (as any smaller
+    batch does)."""
+    whole = check_drawn_rows(story_runs("", 0, name=tmp_path.name), DRAWN[""])
+    part = check_drawn_rows(story_runs("7", 0, name=tmp_path.name), DRAWN["7"])
+    assert (part - whole[list(DRAWN["7"])]).abs().max() <= 1e-5 * whole.abs().max()
 
 
 def test_a_part_keeps_the_whole_storys_token_length_and_errors_name_the_input(comfy, loaded):
