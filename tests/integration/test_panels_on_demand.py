@@ -9,7 +9,7 @@ import pytest
 import torch
 from harness.runner import GraphError
 
-from test_story_attention import STORY
+from test_story_attention import STORY, sample
 
 pytestmark = pytest.mark.integration
 
@@ -142,4 +142,8 @@ def test_a_part_keeps_the_whole_storys_token_length_and_errors_name_the_input(co
                    start_percent=0.0, end_percent=1.0, seed=0, story=story)
     with pytest.raises(ValueError, match="Story Prompts' identity_panels is 1 but this node's is 2"):
         csa.execute(model=model, **options)
-    csa.execute(model=model, **{**options, "identity_panels": 1})
+    patched = csa.execute(model=model, **{**options, "identity_panels": 1}).result[0]
+    positive, negative, panel_count = run("7", identity_panels=1)[:3]
+    with pytest.raises(ValueError, match="the sampler's noise is not those panels' noise in the whole story"):
+        sample(comfy, patched, positive, negative, panel_count, steps=1)  # an Empty Latent Image: panels 1-2's noise
+    assert sample(comfy, patched, positive, negative, panel_count, steps=1, noise_ids=[0, 6]).shape[0] == 2
