@@ -13,6 +13,10 @@ current step) and whose output it drops. They read nothing, so their features ar
 reference alone, and every panel showing that character reads them, its solo panels included.
 Reference rows are numbered as panels after the story's: ``panels``, ``panels + 1``, ...
 
+A story may be drawn in part (``drawn``: the panels in the sampler's batch, in story order; the
+selected panels plus the identity panels they read). The cast stays the whole story's: the same
+identity panels, slots and sources, so every drawn panel is computed as in the whole run.
+
 Identity panels are addressed by *slot*: their position in ``StoryCast.identity_panels``
 (character after character, each character's panels or references in order). Plain Python.
 """
@@ -34,15 +38,17 @@ class StoryCast:
     identity: per character, the indices of its identity panels (reference rows for a character
       made from images).
     references: per character, how many reference rows it has (0: its identity is generated).
+    drawn: the story panels in the sampler's batch, in story order; None = every panel.
     """
 
     names: tuple[str, ...]
     panel_characters: tuple[tuple[int, ...], ...]
     identity: tuple[tuple[int, ...], ...]
     references: tuple[int, ...] = ()
+    drawn: tuple[int, ...] | None = None
 
     @classmethod
-    def from_panels(cls, names, panel_characters, identity_panels: int, references=()) -> "StoryCast":
+    def from_panels(cls, names, panel_characters, identity_panels: int, references=(), drawn=None) -> "StoryCast":
         """Pick each character's first ``identity_panels`` single-character panels, or its
         ``references[c]`` reference rows when it has any.
 
@@ -69,15 +75,38 @@ class StoryCast:
                 identity.append(tuple(range(next_reference, next_reference + references[index])))
                 next_reference += references[index]
                 continue
-            solo = [panel for panel, chars in enumerate(panel_characters) if chars == (index,)]
+            solo = solo_panels(panel_characters, index, identity_panels)
             if not solo:
                 raise ConsistentAttentionError(
                     f"[{name}] never appears alone in a panel, so it has no identity panel to read from. Add a "
                     f"panel in which [{name}] is the only character (e.g. '[{name}] looks out of the window'); "
                     f"its first {identity_panels} such panels make its identity. Or give it reference images."
                 )
-            identity.append(tuple(solo[:identity_panels]))
-        return cls(names, panel_characters, tuple(identity), references)
+            identity.append(solo)
+        cast = cls(names, panel_characters, tuple(identity), references, None if drawn is None else tuple(drawn))
+        cast.check_drawn()
+        return cast
+
+    @property
+    def batch(self) -> tuple[int, ...]:
+        """The story panels of the sampler's batch, in batch (= story) order."""
+        return tuple(range(self.panels)) if self.drawn is None else self.drawn
+
+    def check_drawn(self) -> None:
+        """A part of the story must hold every identity panel its panels read."""
+        if self.drawn is None:
+            return
+        if list(self.drawn) != sorted(set(self.drawn)) or not all(0 <= p < self.panels for p in self.drawn):
+            raise ConsistentAttentionError(f"drawn panels must be story panels in story order, got {self.drawn}.")
+        identity, drawn = self.identity_panels, set(self.drawn)
+        missing = sorted({identity[slot] for panel in self.drawn for slot in self.sources(panel)} - drawn
+                         - set(self.reference_panels))
+        if missing:
+            raise ConsistentAttentionError(
+                f"The story is drawn in part, without identity panels {[p + 1 for p in missing]} that its panels "
+                "read. Set Story Prompts' identity_panels to Consistent Self-Attention's identity_panels, so it "
+                "draws the identity panels this node reads."
+            )
 
     @property
     def panels(self) -> int:
@@ -119,8 +148,9 @@ class StoryCast:
     def call_plan(self, panels_per_call: int) -> tuple[tuple[int, ...], ...]:
         """The panel subsets of one model call, run in this order.
 
-        ``panels_per_call`` 0 or at least the story's length: one call over every panel in story
-        order (the identity panels are in that batch). Reference rows are in no call: the host
+        Only the panels of the batch (``batch``) run. ``panels_per_call`` 0 or at least the batch's
+        length: one call over every panel of the batch in story order (the identity panels are in
+        that batch). Reference rows are in no call: the host
         runs them before these. Otherwise identity panels first, one
         character's group never split (a group larger than ``panels_per_call`` runs alone), groups
         packed in character order; then the other panels in story order, ``panels_per_call`` at a
@@ -131,11 +161,15 @@ class StoryCast:
         """
         if panels_per_call < 0:
             raise ConsistentAttentionError(f"panels_per_call must be 0 (as many as fit) or positive, got {panels_per_call}.")
-        if panels_per_call == 0 or panels_per_call >= self.panels:
-            return (tuple(range(self.panels)),)
+        if panels_per_call == 0 or panels_per_call >= len(self.batch):
+            return (self.batch,)
         calls: list[tuple[int, ...]] = []
         current: list[int] = []
+        drawn = set(self.batch)
         for group in self.generated_identity:
+            group = [panel for panel in group if panel in drawn]  # a part of the story draws whole groups or none
+            if not group:
+                continue
             if current and len(current) + len(group) > panels_per_call:
                 calls.append(tuple(current))
                 current = []
@@ -143,7 +177,7 @@ class StoryCast:
         if current:
             calls.append(tuple(current))
         identity = set(self.identity_panels)
-        others = [panel for panel in range(self.panels) if panel not in identity]
+        others = [panel for panel in self.batch if panel not in identity]
         calls.extend(tuple(others[i:i + panels_per_call]) for i in range(0, len(others), panels_per_call))
         return tuple(tuple(sorted(call, key=lambda panel: len(self.sources(panel)))) for call in calls)
 
@@ -155,6 +189,11 @@ class StoryCast:
     def largest_call(self, panels_per_call: int) -> int:
         """The most rows one chunk's call holds: a call of the plan, or the reference rows."""
         return max([len(call) for call in self.call_plan(panels_per_call)] + [len(self.reference_panels)])
+
+
+def solo_panels(panel_characters, character: int, count: int) -> tuple[int, ...]:
+    """The first ``count`` panels showing ``character`` alone: its generated identity panels."""
+    return tuple(panel for panel, chars in enumerate(panel_characters) if tuple(dict.fromkeys(chars)) == (character,))[:count]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ Nothing persists between calls; the patch object holds only frozen options, and 
 """
 from __future__ import annotations
 
+import torch
+
 from ..attention import (
     BatchCast, CallPlanner, ConsistentAttentionError, CSAConfig, KernelChoice, Step, StoryCall, StoryCast, locate_step,
     panels_per_chunk,
@@ -108,6 +110,28 @@ def check_panel_batch(executor, noise, *args, story_panels: int | None = None, *
     return executor(noise, *args, **kwargs)
 
 
+def check_story_noise(drawn: tuple[int, ...], noise, args: tuple, kwargs: dict) -> None:
+    """A story drawn in part must start from each drawn panel's noise in the whole story (what Story
+    Latent's batch_index gives), or its panels silently differ from the whole run's. Checked where the
+    sampler's seed is known (outer_sample(noise, latent_image, ..., seed)) and noise is added."""
+    seed = args[6] if len(args) > 6 else kwargs.get("seed")
+    latent = args[0] if args else kwargs.get("latent_image")
+    if seed is None or not isinstance(noise, torch.Tensor) or noise.is_nested or not isinstance(latent, torch.Tensor):
+        return
+    if noise.shape[0] != len(drawn) or not noise.any():  # a batch error is named next; no noise added: nothing to check
+        return
+    import comfy.sample
+
+    expected = comfy.sample.prepare_noise(latent, seed, list(drawn))
+    if expected.shape == noise.shape and not torch.equal(expected.to(noise.device, noise.dtype), noise):
+        raise ConsistentAttentionError(
+            f"Story Prompts draws part of the story (panels {', '.join(str(p + 1) for p in drawn)}), but the "
+            "sampler's noise is not those panels' noise in the whole story, so they would not be the whole run's "
+            "panels. Connect Story Latent directly to the sampler's latent_image (Empty Latent Image, or Latent "
+            "Batch Seed Behavior 'random', gives the first panels' noise instead)."
+        )
+
+
 class ConsistentAttentionPatch:
     """Frozen options of one CSA node: ``cast`` None = batch mode (every panel reads the others)."""
 
@@ -139,7 +163,9 @@ class ConsistentAttentionPatch:
         model.set_model_attn1_patch(self)
 
     def check_batch(self, executor, noise, *args, **kwargs):
-        story_panels = None if self.cast is None else self.cast.panels
+        story_panels = None if self.cast is None else len(self.cast.batch)
+        if self.cast is not None and self.cast.drawn is not None:
+            check_story_noise(self.cast.drawn, noise, args, kwargs)
         return check_panel_batch(executor, noise, *args, story_panels=story_panels, **kwargs)
 
     def size_model_load(self, executor, model, noise_shape, conds, model_options=None, **kwargs):

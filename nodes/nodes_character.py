@@ -119,12 +119,18 @@ class SaveCharacter(io.ComfyNode):
                     "and the VAE to vae, so its identity panels can be saved."
                 )
             panels = story.identity_panels(identity_panels)[name]
-            if images.shape[0] != len(story.panels):
+            drawn = {panel.index: row for row, panel in enumerate(story.drawn_panels)}  # a part: fewer rows
+            if images.shape[0] != len(drawn):
                 raise ConsistentAttentionError(
-                    f"images holds {images.shape[0]} pictures but the story has {len(story.panels)} panels: connect "
+                    f"images holds {images.shape[0]} pictures but the story draws {len(drawn)} panels: connect "
                     "the decoded panels of this story's sampler."
                 )
-            latents = vae.encode(images[list(panels), ..., :3])
+            if any(panel not in drawn for panel in panels):
+                raise ConsistentAttentionError(
+                    f"[{name}]'s identity panels {[p + 1 for p in panels]} are not all drawn (Story Prompts' panels): "
+                    "draw a panel of this character, or the whole story, to save it."
+                )
+            latents = vae.encode(images[[drawn[panel] for panel in panels], ..., :3])
             latent_format = latent_format_of(model) if model is not None else None
         path = save_character(SavedCharacter(name, story.character(name).description, latents.cpu(), latent_format),
                               file_name or name)

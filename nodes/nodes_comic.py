@@ -4,7 +4,10 @@ from comfy_api.v0_0_2 import io
 from .comic_layout import (
     CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, check_width_fits, compose_pages, parse_color,
 )
-from .nodes_story import CATEGORY
+from .nodes_story import CATEGORY, StoryType
+from .story_panels import panel_folder, save_panels, whole_story
+
+DEFAULT_NAME = "story"
 
 
 class ComicPage(io.ComfyNode):
@@ -83,6 +86,18 @@ class ComicPage(io.ComfyNode):
                     default="#FFFFFF",
                     tooltip="Page colour as hex, like #FFFFFF. Caption text is black or white, whichever reads better on it.",
                 ),
+                StoryType.Input(
+                    "story", optional=True,
+                    tooltip="Optional: Story Prompts' story. Every drawn panel is saved (output folder, "
+                    "consistent_story_panels/<name>/, named by panel number and what the panel depends on in the "
+                    "story), captions come from the story, and a story drawn in part (Story Prompts' panels) is laid "
+                    "out whole: the panels not drawn are the saved ones of an earlier run of the same story.",
+                ),
+                io.String.Input(
+                    "name", optional=True, default=DEFAULT_NAME,
+                    tooltip="With story: the folder of this story's saved panels. Use another name for another "
+                    "checkpoint, seed or sampler setting, so panels of different settings are never mixed.",
+                ),
             ],
             outputs=[io.Image.Output(display_name="pages", tooltip="The comic pages, all the same size.")],
         )
@@ -120,9 +135,30 @@ class ComicPage(io.ComfyNode):
         margin: int,
         caption_font_size: int,
         background_color: str,
+        story=None,
+        name: str = DEFAULT_NAME,
     ) -> io.NodeOutput:
         options = LayoutOptions(layout, columns, seed, reading_order, page_width, panels_per_page, gutter, margin)
+        if story is not None:
+            images, captions = story_pages(story, images, captions, name)
+        elif name != DEFAULT_NAME:
+            raise ValueError(f"name '{name}' names the saved panels of a story: connect Story Prompts' story output "
+                             f"to story, or set name back to '{DEFAULT_NAME}'.")
         return io.NodeOutput(compose_pages(images, captions, options, caption_font_size, background_color))
+
+
+def story_pages(story, images, captions: str, name: str):
+    """The whole story's panels and captions: the drawn panels are saved, the others read back."""
+    drawn = len(story.drawn_panels)
+    if images.shape[0] != drawn:
+        raise ValueError(f"images holds {images.shape[0]} pictures but Story Prompts draws {drawn} panels: connect "
+                         "the decoded panels of the sampler that takes this story's prompts.")
+    if captions.strip() and captions != "\n".join(story.captions):
+        raise ValueError("With story connected the captions come from the story: disconnect captions (or clear "
+                         "them), or disconnect story.")
+    folder = panel_folder(name)
+    save_panels(story, images, folder)
+    return whole_story(story, images, folder), "\n".join(panel.caption for panel in story.panels)
 
 
 NODES = [ComicPage]

@@ -9,9 +9,7 @@ from ..attention import KERNELS, MAX_IDENTITY_PANELS, ConsistentAttentionError, 
 from .csa_patch import ConsistentAttentionPatch
 from .dit_families import FAMILIES, dit_family
 from .dit_patch import KEY_POSITIONS, DiTAttentionPatch
-from .nodes_story import CATEGORY, StoryType
-
-DEFAULT_IDENTITY_PANELS = 2  # the official app's default id_length
+from .nodes_story import CATEGORY, DEFAULT_IDENTITY_PANELS, StoryType
 
 
 class ConsistentSelfAttention(io.ComfyNode):
@@ -203,6 +201,12 @@ def story_cast(story, window: int, identity_panels: int, panels_per_call: int):
         raise ConsistentAttentionError(
             f"window = {window} applies only without a story: with one, each panel reads the identity panels of "
             "its characters. Set window to 0, or disconnect the story to share across the whole batch."
+        )
+    drawn_for = getattr(story, "identity_count", None)
+    if drawn_for is not None and drawn_for != identity_panels and (story.partial or drawn_for != DEFAULT_IDENTITY_PANELS):
+        raise ConsistentAttentionError(
+            f"Story Prompts' identity_panels is {drawn_for} but this node's is {identity_panels}: a story drawn in "
+            "part (Story Prompts' panels) draws the identity panels this node reads. Set both to the same value."
         )
     return story.cast(identity_panels)
 

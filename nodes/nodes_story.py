@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import math
 
+import comfy.model_management
 import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..attention.cast import MAX_IDENTITY_PANELS
 from .story_prompts import DEFAULT_STYLE, EXAMPLE_STORY, STYLE_NAMES, parse_story
 
 # The parsed story_prompts.Story, for nodes that need the characters of each panel (reference bank).
 StoryType = io.Custom("CONSISTENT_STORY")
 CATEGORY = "Consistent Story"  # where every node of the pack sits in the node library
+
+DEFAULT_IDENTITY_PANELS = 2  # the official app's default id_length, as on Consistent Self-Attention
 
 # Most times a row is repeated to reach the common token length (see repeat_tokens).
 MAX_TOKEN_REPEATS = 12
@@ -70,6 +74,23 @@ def panel_encoder(clip, photomaker=None, photomaker_image=None, tokenizer_option
         return {"cond": cond, **extras}
 
     return encode_panel
+
+
+def undrawn_lengths(clip, story, padding: dict, encodings: list[dict]) -> list[int]:
+    """The token lengths of the panels not drawn, without encoding each: panels that tokenize to the
+    same chunk lengths encode to the same length, so one panel per such shape is encoded, unless a
+    drawn panel already has it."""
+
+    def shape(text):
+        tokens = clip.tokenize(text, tokenizer_options=padding) if padding else clip.tokenize(text)
+        return tuple(sorted((key, tuple(len(chunk) for chunk in chunks)) for key, chunks in tokens.items()))
+
+    known = {shape(panel.prompt): e["cond"].shape[1] for panel, e in zip(story.drawn_panels, encodings)}
+    for panel in story.panels:
+        key = shape(panel.prompt)
+        if key not in known:
+            known[key] = encode(clip, panel.prompt, padding)["cond"].shape[1]
+    return list(known.values())
 
 
 def common_token_length(lengths: list[int]) -> int:
@@ -184,6 +205,18 @@ class StoryPrompts(io.ComfyNode):
                     tooltip="With photomaker: the face image of the character whose description has the word "
                     "'photomaker'.",
                 ),
+                io.String.Input(
+                    "panels", optional=True, default="",
+                    tooltip="Which panels to draw: empty = the whole story; '37' or '3, 9-12' = only those panels "
+                    "(numbered from 1 as the badge counts them; definition lines are not panels) plus the identity "
+                    "panels of the characters they name. Each drawn panel comes out as in the whole story's run: "
+                    "give the sampler Story Latent's latent, which gives each panel its own noise.",
+                ),
+                io.Int.Input(
+                    "identity_panels", optional=True, default=DEFAULT_IDENTITY_PANELS, min=1, max=MAX_IDENTITY_PANELS,
+                    tooltip="With panels: how many identity panels per character are drawn beside the chosen "
+                    "panels. Set it to Consistent Self-Attention's identity_panels (that node refuses another value).",
+                ),
             ],
             outputs=[
                 io.Conditioning.Output(
@@ -196,11 +229,12 @@ class StoryPrompts(io.ComfyNode):
                 ),
                 io.Int.Output(
                     "panel_count", display_name="panel_count",
-                    tooltip="Number of panels: wire it to the latent's batch_size.",
+                    tooltip="Number of panels drawn (all, or those panels selects plus their identity panels): wire "
+                    "it to the latent's batch_size, or use Story Latent.",
                 ),
                 io.String.Output(
                     "captions", display_name="captions",
-                    tooltip="One caption per panel, newline-separated; an empty line where a panel has none.",
+                    tooltip="One caption per drawn panel, newline-separated; an empty line where a panel has none.",
                 ),
                 StoryType.Output(
                     "parsed_story", display_name="story",
@@ -212,15 +246,17 @@ class StoryPrompts(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, story, style, negative, custom_style="", photomaker=None,
-                photomaker_image=None) -> io.NodeOutput:
+                photomaker_image=None, panels="", identity_panels=DEFAULT_IDENTITY_PANELS) -> io.NodeOutput:
         if clip is None:
             raise ValueError(
                 "The clip input is empty: the checkpoint has no text encoder. Load one with a CLIP loader."
             )
-        parsed = parse_story(story, style, custom_style, negative)
+        parsed = parse_story(story, style, custom_style, negative).select(panels, identity_panels)
+        drawn = parsed.drawn_panels
+        # Padded as the whole story is, so a panel drawn alone has the tokens it has in the whole run.
         padding = common_padding(clip, [panel.prompt for panel in parsed.panels] + [parsed.negative])
         encode_panel = panel_encoder(clip, photomaker, photomaker_image, padding)
-        if photomaker is not None and not any(PHOTOMAKER_TRIGGER in p.prompt.split(" ") for p in parsed.panels):
+        if photomaker is not None and not any(PHOTOMAKER_TRIGGER in p.prompt.split(" ") for p in drawn):
             raise ValueError(
                 f"photomaker is connected but no panel prompt has the word '{PHOTOMAKER_TRIGGER}' (as a word of its own). "
                 "Put it after the class word of the character's description, e.g. '[Ann] a woman photomaker with short hair'."
@@ -228,20 +264,55 @@ class StoryPrompts(io.ComfyNode):
         # The negative is one prompt: batch 1 is tiled to any batch by repeat_to_batch_size, so the
         # same output also fits a latent batch that differs from panel_count.
         negative_encoding = encode(clip, parsed.negative, padding)
-        progress = comfy.utils.ProgressBar(len(parsed.panels))
+        progress = comfy.utils.ProgressBar(len(drawn))
         encodings = []
-        for panel in parsed.panels:
+        for panel in drawn:
             encodings.append(encode_panel(panel.prompt))
             progress.update(1)
-        # Positive and negative share one token length so the sampler can run them in one batch.
-        length = common_token_length([e["cond"].shape[1] for e in encodings + [negative_encoding]])
+        # Positive and negative share one token length so the sampler can run them in one batch; a part
+        # of the story takes the whole story's length, so its rows are those of the whole run.
+        lengths = [e["cond"].shape[1] for e in encodings + [negative_encoding]]
+        if parsed.partial:
+            lengths += undrawn_lengths(clip, parsed, padding, encodings)
+        length = common_token_length(lengths)
         return io.NodeOutput(
             [batch_encodings(encodings, length)],
             [batch_encodings([negative_encoding], length)],
-            len(parsed.panels),
+            len(drawn),
             "\n".join(parsed.captions),
             parsed,
         )
 
 
-NODES = [StoryPrompts]
+class StoryLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentStoryLatent",
+            display_name="Story Latent",
+            category=CATEGORY,
+            description=(
+                "The empty latent of a story: one image per drawn panel (no batch size to set), each with the noise "
+                "its panel has in the whole story (ComfyUI's batch_index), so a story drawn in part (Story Prompts' "
+                "panels) gives each panel the image it has in the whole run. Use it in place of Empty Latent Image."
+            ),
+            inputs=[
+                StoryType.Input("story", tooltip="Story Prompts' story output."),
+                io.Int.Input("width", default=512, min=16, max=16384, step=8,
+                             tooltip="Panel width in pixels (as on Empty Latent Image)."),
+                io.Int.Input("height", default=512, min=16, max=16384, step=8,
+                             tooltip="Panel height in pixels (as on Empty Latent Image)."),
+            ],
+            outputs=[io.Latent.Output(tooltip="Connect to the sampler's latent_image.")],
+        )
+
+    @classmethod
+    def execute(cls, story, width, height) -> io.NodeOutput:
+        drawn = story.drawn if story.drawn is not None else tuple(range(len(story.panels)))
+        # Empty Latent Image's latent (ComfyUI adapts a zero latent's channels to the model), plus
+        # batch_index: prepare_noise draws one noise per index up to the largest, in story order.
+        samples = torch.zeros([len(drawn), 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
+        return io.NodeOutput({"samples": samples, "batch_index": list(drawn)})
+
+
+NODES = [StoryPrompts, StoryLatent]

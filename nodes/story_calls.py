@@ -23,9 +23,9 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
     chunks, rows = len(cond_or_uncond), x.shape[0]
     panels = panels_per_chunk(rows, chunks)
     cast = patch.cast
-    if panels != cast.panels:
+    if panels != len(cast.batch):
         raise ConsistentAttentionError(
-            f"The model was called with {panels} panels for a story of {cast.panels}. Wire Story Prompts' "
+            f"The model was called with {panels} panels for a story of {len(cast.batch)}. Wire Story Prompts' "
             "panel_count into the latent's batch_size and its story into Consistent Self-Attention, from the same "
             "Story Prompts node."
         )
@@ -35,17 +35,19 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
     if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
         story = patch.story_call(planner, chunks, 0, panels, keep_bank=bool(patch.references))
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunks))
-        patch.prepare(options, planner, story, tuple(range(panels)), patch.call_layout(x, kwargs))
+        patch.prepare(options, planner, story, cast.batch, patch.call_layout(x, kwargs))
         return patch.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
 
     refuse_single_call_recorders(options, rows)
     uuids = options.get("uuids")
+    position = {panel: row for row, panel in enumerate(cast.batch)}
     out = None
     for chunk in range(chunks):
         story = patch.story_call(planner, 1, chunk, panels)  # this chunk's identity bank
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunk, chunk + 1))
         for subset in cast.call_plan(per_call):
-            index = index_tensor([chunk * panels + panel for panel in subset], "cpu")
+            positions = [position[panel] for panel in subset]  # rows of the chunk (a part of a story: fewer)
+            index = index_tensor([chunk * panels + row for row in positions], "cpu")
 
             def take(value, name):
                 return take_rows(value, index, rows, name)
@@ -57,7 +59,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
             if uuids is not None and len(uuids) == chunks:
                 sub_options["uuids"] = uuids[chunk:chunk + 1]
             if "sigmas" in options:  # one sigma per panel (ComfyUI's per-chunk timestep)
-                sub_options["sigmas"] = take_rows(options["sigmas"], index_tensor(subset, "cpu"), panels, "sigmas")
+                sub_options["sigmas"] = take_rows(options["sigmas"], index_tensor(positions, "cpu"), panels, "sigmas")
             result = patch.run(
                 executor, sub_x, take(t, "timestep"), take(c_concat, "c_concat"), take(c_crossattn, "c_crossattn"),
                 take(control, "control"), options=sub_options, **sub_kwargs,

@@ -25,7 +25,8 @@ import difflib
 import re
 from dataclasses import dataclass, replace
 
-from ..attention.cast import StoryCast
+from ..attention.cast import MAX_IDENTITY_PANELS, StoryCast, solo_panels
+from .panel_selection import StoryError, parse_panel_selection
 
 NO_CHARACTER = "NC"
 CUSTOM_STYLE = "Custom"
@@ -44,14 +45,6 @@ EXAMPLE_STORY = """\
 _TAG = re.compile(r"\[([^\[\]]*)\]")
 _NAME = re.compile(r"[\w \-]+")  # \w: Unicode letters, digits and "_"
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.;:!?])")
-
-
-class StoryError(ValueError):
-    """A story or style the user has to fix; ``line`` is 1-based, None when no line is at fault."""
-
-    def __init__(self, message: str, line: int | None = None):
-        super().__init__(f"Story line {line}: {message}" if line is not None else message)
-        self.line = line
 
 
 @dataclass(frozen=True)
@@ -142,6 +135,36 @@ class Story:
     # Characters drawn from the user's images (nodes/references.CharacterReference), in character order.
     references: tuple = ()
     template: str = PROMPT_SLOT  # the style's template
+    # A story drawn in part (``select``): the story indices of the panels in the sampler's batch, in
+    # story order (the selected panels and the identity panels of the characters they name); None =
+    # every panel. ``selected``: the panels asked for; ``identity_count``: identity panels per character
+    # the drawn rows were chosen for.
+    drawn: tuple[int, ...] | None = None
+    selected: tuple[int, ...] | None = None
+    identity_count: int | None = None
+
+    @property
+    def drawn_panels(self) -> tuple[Panel, ...]:
+        """The panels of the sampler's batch, in batch order: every panel, or the drawn part."""
+        return self.panels if self.drawn is None else tuple(self.panels[i] for i in self.drawn)
+
+    @property
+    def partial(self) -> bool:
+        return self.drawn is not None
+
+    def select(self, spec: str, identity_panels: int) -> "Story":
+        """The story drawn in part: the panels ``spec`` names (see ``parse_panel_selection``) and the
+        first ``identity_panels`` solo panels of every character they name; ``spec`` "" = the whole story."""
+        if not 1 <= identity_panels <= MAX_IDENTITY_PANELS:
+            raise StoryError(f"identity_panels must lie between 1 and {MAX_IDENTITY_PANELS}, got {identity_panels}.")
+        selected = parse_panel_selection(spec, len(self.panels))
+        if selected is None:
+            return replace(self, drawn=None, selected=None, identity_count=identity_panels)
+        index = {character.name: i for i, character in enumerate(self.characters)}
+        panel_characters = [tuple(index[name] for name in panel.characters) for panel in self.panels]
+        named = {c for panel in selected for c in panel_characters[panel]}
+        drawn = set(selected).union(*(solo_panels(panel_characters, c, identity_panels) for c in named))
+        return replace(self, drawn=tuple(sorted(drawn)), selected=selected, identity_count=identity_panels)
 
     def character_prompt(self, name: str) -> str:
         """What a reference image of ``name`` is prompted with: its description, in the story's style."""
@@ -149,7 +172,8 @@ class Story:
 
     @property
     def captions(self) -> tuple[str, ...]:
-        return tuple(panel.caption for panel in self.panels)
+        """The caption of each panel of the batch."""
+        return tuple(panel.caption for panel in self.drawn_panels)
 
     def character(self, name: str) -> Character:
         for character in self.characters:
@@ -165,7 +189,7 @@ class Story:
         panel_characters = [tuple(index[name] for name in panel.characters) for panel in self.panels]
         counts = {ref.name: ref.count for ref in self.references}
         return StoryCast.from_panels([c.name for c in self.characters], panel_characters, identity_panels,
-                                     [counts.get(c.name, 0) for c in self.characters])
+                                     [counts.get(c.name, 0) for c in self.characters], self.drawn)
 
     def with_reference(self, reference) -> "Story":
         """A copy of the story in which ``reference.name`` is drawn from ``reference`` (replacing any

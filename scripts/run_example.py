@@ -16,7 +16,13 @@ On a CPU, or with random weights, the panels are made small and few steps are ta
 --full is given; the script says so.
 
 --story FILE replaces the workflow's story with the text of FILE (Story Prompts' syntax); the
-latent batch follows the new panel count through the workflow's panel_count link. A story or
+latent batch follows the new panel count through the workflow's panel_count link.
+
+--panels "10" (or "3, 9-12") draws only those panels (and the identity panels they read) and
+writes the pages again with the other panels of the last run of the same story in the output
+folder. For that every run gives each panel its own noise (Story Latent in place of the Empty Latent
+Image that takes panel_count) and Comic Page saves the panels it lays out, under a name made of
+the workflow, checkpoint, size, steps and seed. A story or
 graph that ComfyUI or the pack refuses ends the run with the node's message and exit code 2.
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -70,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--family", choices=sorted(FAMILIES),
         help="model family of the workflow (default: its checkpoint's, when installed, else from the latent size it samples at)",
     )  # fmt: skip
+    parser.add_argument("--panels", default="", help="draw only these panels, e.g. '10' or '3, 9-12' (numbered as the "
+                        "editor's badge numbers them); the other panels come from the last run of the same story")
     parser.add_argument("--full", action="store_true", help="keep the workflow's size and steps even on a CPU")
     parser.add_argument("--size", type=int, default=QUICK_SIZE, help="panel size of a quick run (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=QUICK_STEPS, help="sampling steps of a quick run (default: %(default)s)")
@@ -286,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
                 f"({'CPU' if cpu else 'random weights'}).\nPass --full to keep the workflow's own size and steps."
             )
 
+        story_on_demand(prompt, args.panels, panels_name(args.workflow, ckpt_name, prompt), cpu)
+        if args.panels:
+            say(f"panels {args.panels}: the other panels come from {PANELS_FOLDER}/ in the output folder")
         started = time.monotonic()
         # As the frontend does: the saved page carries the workflow, so dropping it on ComfyUI opens it.
         try:
@@ -298,6 +310,76 @@ def run(args: argparse.Namespace) -> int:
         for page in pages:
             print(f"Comic page: {page}")
     return 0 if pages else 1
+
+
+PANELS_FOLDER = "consistent_story_panels"
+
+
+def story_on_demand(prompt: dict, panels: str, name: str, cpu: bool) -> None:
+    """Draw ``panels`` of the story ("" = all) and keep every panel findable: Story Prompts draws the
+    panels (for the identity panels Consistent Self-Attention reads), the latent taking panel_count
+    becomes Story Latent (each panel's own noise, so a part of the story draws the whole run's panels;
+    a Latent Batch Seed Behavior 'random' after it would drop that noise and is bypassed: it asks for
+    the same per-panel noise), and Comic Page saves and reads the panels under ``name``. So that a
+    panel's pixels do not depend on which others are drawn with it, panels are decoded one at a time
+    and, on a CPU (where it costs nothing), Consistent Self-Attention runs one panel per model call
+    (an identity group together): every call of a part is then a call of the whole run."""
+    from harness.workflow import nodes_of_type
+
+    story_nodes = list(nodes_of_type(prompt, STORY_PROMPTS))
+    if len(story_nodes) != 1:
+        if panels:
+            raise RunError(f"--panels needs a workflow with one Story Prompts node; this one has {len(story_nodes)}.")
+        return
+    story_id = story_nodes[0]
+    inputs = prompt[story_id]["inputs"]
+    inputs["panels"] = panels
+    for node in nodes_of_type(prompt, "ConsistentStorySelfAttention").values():
+        if isinstance(node["inputs"].get("identity_panels"), int):
+            inputs["identity_panels"] = node["inputs"]["identity_panels"]
+    for node_id, node in nodes_of_type(prompt, "EmptyLatentImage").items():
+        if node["inputs"].get("batch_size") == [story_id, 2]:
+            prompt[node_id] = {"class_type": "ConsistentStoryLatent", "inputs": {
+                "story": [story_id, 4], "width": node["inputs"]["width"], "height": node["inputs"]["height"]}}
+    for node_id, node in nodes_of_type(prompt, "LatentBatchSeedBehavior").items():
+        if node["inputs"].get("seed_behavior") == "random":
+            for other in prompt.values():
+                for key, value in other["inputs"].items():
+                    if value == [node_id, 0]:
+                        other["inputs"][key] = node["inputs"]["samples"]
+    for node in nodes_of_type(prompt, "ConsistentStoryComicPage").values():
+        node["inputs"].update(story=[story_id, 4], name=name)
+    if cpu:
+        for node in nodes_of_type(prompt, "ConsistentStorySelfAttention").values():
+            node["inputs"]["panels_per_call"] = 1
+    decode_one_at_a_time(prompt)
+
+
+def decode_one_at_a_time(prompt: dict) -> None:
+    """VAE Decode of each panel alone (core Rebatch Latents to batches of 1, Rebatch Images back to
+    one batch): a batch decodes with other rounding than a single panel."""
+    from harness.workflow import nodes_of_type
+
+    for node_id, node in list(nodes_of_type(prompt, "VAEDecode").items()):
+        split, joined = f"{node_id}_one_by_one", f"{node_id}_joined"
+        for other in prompt.values():
+            for key, value in other["inputs"].items():
+                if value == [node_id, 0]:
+                    other["inputs"][key] = [joined, 0]
+        prompt[split] = {"class_type": "RebatchLatents", "inputs": {"latents": node["inputs"]["samples"], "batch_size": 1}}
+        node["inputs"]["samples"] = [split, 0]
+        prompt[joined] = {"class_type": "RebatchImages", "inputs": {"images": [node_id, 0], "batch_size": 4096}}
+
+
+def panels_name(workflow: Path, ckpt_name: str, prompt: dict) -> str:
+    """Comic Page's folder of saved panels: what the images depend on beside the story."""
+    from harness.workflow import nodes_of_type
+
+    sampler = next(iter(nodes_of_type(prompt, "KSampler").values()), {"inputs": {}})["inputs"]
+    latent = next(iter(nodes_of_type(prompt, "EmptyLatentImage").values()), {"inputs": {}})["inputs"]
+    parts = [workflow.stem, Path(ckpt_name).stem, f"{latent.get('width')}x{latent.get('height')}",
+             f"{sampler.get('steps')} steps", f"seed {sampler.get('seed')}"]
+    return re.sub(r"[^\w \-]", "-", " ".join(str(part) for part in parts))
 
 
 def graph_error_message(error, verbose: bool) -> str:

@@ -3,6 +3,7 @@
 #
 #   bash scripts/run_example.sh                  # "workflows/Comic page (SD1.5).json"
 #   bash scripts/run_example.sh --workflow "workflows/Four-panel strip (SDXL).json" --full
+#   bash scripts/run_example.sh --story s.txt --panels 10   # redraw panel 10, pages written again
 #
 # Arguments go to scripts/run_example.py (see --help); its last line is the saved page's path.
 set -euo pipefail

@@ -9,6 +9,9 @@
 // batch_size differs from the panel count: ComfyUI would silently sample only part of the story
 // (or repeat prompts), and without Consistent Self-Attention nothing else in the pack sees the
 // latent before sampling.
+// With the panels input set ("37", "3, 9-12") it says what will run: "draws 1 panel + 4 identity
+// panels" (the chosen panels and the identity panels of the characters they name, as
+// nodes/story_prompts.py Story.select picks them), or what is wrong with the value.
 import { app } from "../../scripts/app.js";
 
 const NODE_ID = "ConsistentStoryPrompts";
@@ -18,6 +21,7 @@ export function countStory(text) {
   const defined = new Set();
   const alone = new Set();
   let panels = 0;
+  const shownBy = [];
   for (const raw of (text || "").split("\n")) {
     const line = raw.trim();
     if (!line) continue;
@@ -33,10 +37,40 @@ export function countStory(text) {
     }
     panels += 1;
     const shown = new Set(names.filter((n) => n.toUpperCase() !== "NC"));
+    shownBy.push(shown);
     if (shown.size === 1) alone.add([...shown][0]);
   }
   const lonely = [...defined].filter((name) => !alone.has(name));
-  return { panels, characters: defined.size, lonely };
+  return { panels, characters: defined.size, lonely, shownBy };
+}
+
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+// What the panels input draws: { text } or { error }; null for "" (the whole story).
+export function drawnPanels(spec, { panels, shownBy }, identityPanels) {
+  if (!(spec || "").trim()) return null;
+  const selected = new Set();
+  for (const raw of spec.split(",")) {
+    const item = raw.trim();
+    if (!item) continue;
+    const match = /^(\d+)\s*(?:-\s*(\d+))?$/.exec(item);
+    if (!match) return { error: `panels: '${item}' is not a panel number or range` };
+    const first = Number(match[1]);
+    const last = match[2] ? Number(match[2]) : first;
+    if (first > last) return { error: `panels: '${item}' runs backwards` };
+    if (first < 1 || last > panels) return { error: `panels: '${item}' is outside 1-${panels}` };
+    for (let p = first - 1; p < last; p += 1) selected.add(p);
+  }
+  if (!selected.size) return { error: "panels names no panel" };
+  const named = new Set([...selected].flatMap((p) => [...shownBy[p]]));
+  const drawn = new Set(selected);
+  for (const name of named) {
+    const solo = shownBy.map((shown, p) => (shown.size === 1 && shown.has(name) ? p : -1)).filter((p) => p >= 0);
+    for (const p of solo.slice(0, identityPanels)) drawn.add(p);
+  }
+  const extra = drawn.size - selected.size;
+  const text = `draws ${plural(selected.size, "panel")}` + (extra ? ` + ${plural(extra, "identity panel")}` : "");
+  return { text, count: drawn.size };
 }
 
 // Conditioning may pass through a few nodes (area, combine, ControlNet) before the sampler.
@@ -101,13 +135,16 @@ export function latentBatches(storyNode) {
   return [...batches];
 }
 
-function badgeText({ panels, characters, lonely }, batches) {
-  const p = `${panels} panel${panels === 1 ? "" : "s"}`;
-  const c = `${characters} character${characters === 1 ? "" : "s"}`;
+function badgeText({ panels, characters, lonely }, batches, drawn) {
+  const p = plural(panels, "panel");
+  const c = plural(characters, "character");
   const warnings = [];
+  if (drawn?.text) warnings.push(drawn.text);
+  if (drawn?.error) warnings.push(drawn.error);
   if (lonely.length) warnings.push(`${lonely.map((n) => `[${n}]`).join(", ")} never alone`);
+  const expected = drawn?.count ?? panels;
   for (const batch of batches) {
-    if (batch !== panels) warnings.push(`latent batch_size ${batch} ≠ ${panels} panels: connect panel_count`);
+    if (batch !== expected) warnings.push(`latent batch_size ${batch} ≠ ${plural(expected, "panel")}: connect panel_count`);
   }
   return [`${p} · ${c}`, ...warnings].join(" · ");
 }
@@ -124,8 +161,11 @@ app.registerExtension({
       if (!story) return;
       const counts = countStory(story.value);
       const batches = latentBatches(this);
-      const text = badgeText(counts, batches);
-      const warn = counts.lonely.length || batches.some((b) => b !== counts.panels);
+      const identity = this.widgets?.find((w) => w.name === "identity_panels");
+      const drawn = drawnPanels(this.widgets?.find((w) => w.name === "panels")?.value, counts, Number(identity?.value ?? 2));
+      const text = badgeText(counts, batches, drawn);
+      const expected = drawn?.count ?? counts.panels;
+      const warn = counts.lonely.length || drawn?.error || batches.some((b) => b !== expected);
       ctx.save();
       ctx.font = "12px sans-serif";
       ctx.fillStyle = warn ? "#e96" : "#9ad";

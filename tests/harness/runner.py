@@ -99,6 +99,13 @@ def _execution_error(messages: list[tuple[str, Any]]) -> GraphError | None:
     return None
 
 
+def graph_executor():
+    """A new executor with its own ``ServerStub``, for ``run_prompt``."""
+    import execution
+
+    return new_executor(execution, ServerStub())
+
+
 def new_executor(execution, server):
     """A classic-cache PromptExecutor across ComfyUI versions (``cache_args`` is required since v0.19;
     main.py gives a classic cache no RAM headroom, as here)."""
@@ -117,8 +124,10 @@ def cached_outputs(cache, node_id: str):
     return getattr(value, "outputs", value)
 
 
-def run_prompt(prompt: dict, extra_data: dict | None = None) -> GraphResult:
-    """Validate and execute ``prompt`` (API format); raise ``GraphError`` with ComfyUI's message."""
+def run_prompt(prompt: dict, extra_data: dict | None = None, executor=None) -> GraphResult:
+    """Validate and execute ``prompt`` (API format); raise ``GraphError`` with ComfyUI's message.
+    ``executor``: one from ``graph_executor`` to keep node outputs cached from an earlier run, as the
+    server does between prompts (a loaded checkpoint is not loaded again)."""
     import execution
 
     prompt = copy.deepcopy(prompt)
@@ -128,8 +137,10 @@ def run_prompt(prompt: dict, extra_data: dict | None = None) -> GraphResult:
         error = error or {"message": "Some outputs failed validation", "details": ""}
         raise GraphError("validation", _validation_message(error, node_errors), node_errors)
 
-    server = ServerStub()
-    executor = new_executor(execution, server)
+    if executor is None:
+        executor = graph_executor()
+    server = executor.server
+    server.messages = []  # this run's messages only
     executor.execute(prompt, prompt_id, dict(extra_data or {}), outputs)
     failure = _execution_error(executor.status_messages)
     if failure is not None:

@@ -30,7 +30,7 @@ def test_schema_is_documented(comfy, comic_page):
     info = comic_page.GET_NODE_INFO_V1()
     assert info["category"] == "Consistent Story" and info["description"]
     inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
-    assert set(inputs) == {"images", "captions", *SETTINGS}
+    assert set(inputs) == {"images", "captions", *SETTINGS, "story", "name"}
     assert all(spec[1].get("tooltip") for spec in inputs.values())
     assert info["output"] == ["IMAGE"]
 

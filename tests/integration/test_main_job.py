@@ -79,3 +79,27 @@ def test_the_family_comes_from_the_graph(path, comfy):
     prompt = ui_to_api(workflow, node_definitions(comfy.NODE_CLASS_MAPPINGS, workflow_node_types(workflow)))
     expected = {"sd15_small": "sd15", "vega_small": "sdxl"}[TEST_CHECKPOINT[workflow_id(path)]]
     assert run_example.family_of(prompt, "not-installed.safetensors") == expected
+
+
+def page_of(done: subprocess.CompletedProcess):
+    import numpy as np
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [page] = [Path(line.removeprefix("Comic page: ")) for line in done.stdout.splitlines() if line.startswith("Comic page: ")]
+    with Image.open(page) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_panels_redraws_one_panel_and_writes_the_whole_runs_pages(main_job, tmp_path):
+    """Panel 4's line changes; --panels 4 draws it (and Ann's identity panels) and lays it out with the
+    saved panels of the earlier run: the pages of a whole run of the changed story, bit for bit."""
+    first, changed = tmp_path / "first.txt", tmp_path / "changed.txt"
+    first.write_text(STORY, encoding="utf-8")
+    changed.write_text(STORY.replace("reads a map by a window", "waves from a small boat"), encoding="utf-8")
+    before = page_of(main_job("--story", str(first)))
+    redrawn = main_job("--story", str(changed), "--panels", "4")
+    assert "panels 4: the other panels come from consistent_story_panels/" in redrawn.stdout
+    after = page_of(redrawn)
+    assert after.shape == before.shape and (after != before).any()
+    whole = page_of(main_job("--story", str(changed)))
+    assert (whole == after).all(), "the same pages as a whole run of the changed story"
