@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import comfy.model_management
 import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
@@ -309,10 +308,13 @@ class StoryLatent(io.ComfyNode):
     @classmethod
     def execute(cls, story, width, height) -> io.NodeOutput:
         drawn = story.drawn if story.drawn is not None else tuple(range(len(story.panels)))
-        # Empty Latent Image's latent (ComfyUI adapts a zero latent's channels to the model), plus
+        import nodes as comfy_nodes  # ComfyUI's node registry (this pack's nodes/ is imported relatively)
+
+        # The host's own Empty Latent Image, so the sampler adapts it to the model as it adapts that
+        # one (channels; on newer hosts the scale of Flux.2's or a pixel model's latent), plus
         # batch_index: prepare_noise draws one noise per index up to the largest, in story order.
-        samples = torch.zeros([len(drawn), 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
-        return io.NodeOutput({"samples": samples, "batch_index": list(drawn)})
+        latent = comfy_nodes.EmptyLatentImage().generate(width, height, len(drawn))[0]
+        return io.NodeOutput({**latent, "batch_index": list(drawn)})
 
 
 NODES = [StoryPrompts, StoryLatent]

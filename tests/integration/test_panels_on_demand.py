@@ -147,3 +147,17 @@ def test_a_part_keeps_the_whole_storys_token_length_and_errors_name_the_input(co
     with pytest.raises(ValueError, match="the sampler's noise is not those panels' noise in the whole story"):
         sample(comfy, patched, positive, negative, panel_count, steps=1)  # an Empty Latent Image: panels 1-2's noise
     assert sample(comfy, patched, positive, negative, panel_count, steps=1, noise_ids=[0, 6]).shape[0] == 2
+
+
+def test_story_latent_is_empty_latent_image_with_each_panels_noise_index(comfy, loaded):
+    """Story Latent gives what Empty Latent Image gives (so the sampler adapts it to any model as it
+    adapts that one: Flux.2's 16x latents, pixel models), one row per drawn panel, plus batch_index."""
+    from test_story_attention import story_inputs
+
+    _, clip = loaded("sd15_small")
+    story = story_inputs(comfy, clip)[3].select("7", 2)
+    ours = comfy.NODE_CLASS_MAPPINGS["ConsistentStoryLatent"].execute(story=story, width=72, height=40).result[0]
+    core = comfy.NODE_CLASS_MAPPINGS["EmptyLatentImage"]().generate(72, 40, batch_size=3)[0]
+    assert ours.pop("batch_index") == [0, 2, 6]
+    assert ours.keys() == core.keys()
+    assert all(torch.equal(ours[k], core[k]) if torch.is_tensor(core[k]) else ours[k] == core[k] for k in core)
