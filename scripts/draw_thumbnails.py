@@ -27,6 +27,9 @@ TOM, REX = ("person", (60, 90, 200), (230, 190, 60)), ("animal", (140, 95, 60))
 TOBY = ("animal", (150, 100, 60))
 ANN = ("person", (30, 30, 30), (240, 200, 40))
 NIA = ("person", (200, 200, 210), (50, 90, 170))
+# The Flux workflows' story, drawn alike on every DiT family's page.
+NIA_STORY = [([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
+             ([NIA], "Nothing but sky.")]
 
 THUMBNAILS = {
     "Comic page (SD1.5)": ("Consistent Story - SD1.5", "7 panels, two characters and a street: classic page", [2, 3, 2], [
@@ -49,25 +52,14 @@ THUMBNAILS = {
         ([ANN], "Her first night."), ([ANN], "Better than the guide."), ([], "The city never sleeps."),
         ([ANN], "A new friend."),
     ]),
-    "Comic page (Flux)": ("Consistent Story - Flux", "image tokens shared in the single-stream blocks", [2, 2], [
-        ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
-        ([NIA], "Nothing but sky."),
-    ]),
+    "Comic page (Flux)": ("Consistent Story - Flux", "image tokens shared in the single-stream blocks", [2, 2],
+                          NIA_STORY),
     "Comic page (Flux.2 klein)": ("Consistent Story - Flux.2 klein", "the Flux story on Flux.2 klein, single-stream",
-                                  [2, 2], [
-        ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
-        ([NIA], "Nothing but sky."),
-    ]),
+                                  [2, 2], NIA_STORY),
     "Comic page (Qwen-Image)": ("Consistent Story - Qwen-Image", "image tokens shared in the late joint blocks",
-                                [2, 2], [
-        ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
-        ([NIA], "Nothing but sky."),
-    ]),
+                                [2, 2], NIA_STORY),
     "Comic page (Z-Image)": ("Consistent Story - Z-Image", "image tokens shared in the late layers, 8 steps",
-                             [2, 2], [
-        ([NIA], "The Swallow would fly again."), ([NIA], "Today was the day."), ([], "Airborne."),
-        ([NIA], "Nothing but sky."),
-    ]),
+                             [2, 2], NIA_STORY),
     "Long story of 24 panels (SD1.5)": ("A long story - SD1.5", "24 panels in one sampler, 4 per model call", [4, 4, 4], [
         ([TOM], ""), ([REX], ""), ([TOM, REX], ""), ([], ""), ([TOM], ""), ([TOM, REX], ""),
         ([REX], ""), ([], ""), ([TOM, REX], ""), ([TOM], ""), ([REX], ""), ([TOM, REX], ""),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness.stories import BOB_AND_ALICE
 
 from harness.step_record import StepRecord, sampler_run
 from test_consistent_attention import SharedAcrossClones, output_transformer_layers
@@ -20,17 +21,7 @@ CSA = "ConsistentStorySelfAttention"
 PROMPTS = "ConsistentStoryPrompts"
 ROWS_KEY = "consistent_story.rows"
 SIZE = 64
-STORY = """
-[Bob] a man in a red coat
-[Alice] a woman in a green dress
-[Bob] walks in the park
-[Alice] reads a book
-[Bob] runs to the station
-[NC] a quiet forest at dawn
-[Bob] and [Alice] talk at a cafe
-[Alice] sleeps on the sofa
-[Bob] eats an apple
-"""
+STORY = BOB_AND_ALICE
 BOB_IDS, ALICE_IDS = (0, 2), (1, 5)  # each character's first two panels alone
 NC_PANEL, BOTH_PANEL = 3, 4
 # Who each panel reads, from the story above: identity panels their own character's other one,

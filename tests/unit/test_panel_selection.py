@@ -4,22 +4,13 @@ from __future__ import annotations
 import pytest
 
 from harness.pack import load_pack
+from harness.stories import BOB_AND_ALICE
 
 load_pack()
 from consistent_story.attention import ConsistentAttentionError  # noqa: E402
 from consistent_story.nodes import story_prompts as sp  # noqa: E402
 
-STORY = """
-[Bob] a man in a red coat
-[Alice] a woman in a green dress
-[Bob] walks in the park
-[Alice] reads a book
-[Bob] runs to the station
-[NC] a quiet forest at dawn
-[Bob] and [Alice] talk at a cafe
-[Alice] sleeps on the sofa
-[Bob] eats an apple
-"""  # panels 1-7; identity panels (2 each): Bob 1, 3; Alice 2, 6
+STORY = BOB_AND_ALICE  # panels 1-7; identity panels (2 each): Bob 1, 3; Alice 2, 6
 
 
 def story(panels="", identity_panels=2):
