@@ -15,6 +15,7 @@ from comfy_api.v0_0_2 import io
 
 from ..attention.cast import MAX_IDENTITY_PANELS
 from .story_prompts import DEFAULT_STYLE, EXAMPLE_STORY, STYLE_NAMES, parse_story
+from .story_summary import story_summary
 
 # The parsed story_prompts.Story, for nodes that need the characters of each panel (reference bank).
 StoryType = io.Custom("CONSISTENT_STORY")
@@ -240,6 +241,12 @@ class StoryPrompts(io.ComfyNode):
                     tooltip="The parsed story (characters and the characters of each panel) for other Consistent "
                     "Story nodes.",
                 ),
+                io.String.Output(
+                    "summary", display_name="summary",
+                    tooltip="The story at a glance, one line per panel: its role (identity panel of a character, "
+                    "or which identity panels it reads, with identity_panels per character) and its final prompt "
+                    "after the style and [Name] replacement. Connect a text preview node to see it.",
+                ),
             ],
         )
 
@@ -280,6 +287,7 @@ class StoryPrompts(io.ComfyNode):
             len(drawn),
             "\n".join(parsed.captions),
             parsed,
+            story_summary(parsed, identity_panels),
         )
 
 

@@ -55,7 +55,7 @@ class StoryProbe(SharedAcrossClones):
 
 def story_inputs(comfy, clip, text=STORY):
     with torch.inference_mode():
-        positive, negative, panels, _, story = comfy.NODE_CLASS_MAPPINGS[PROMPTS].execute(
+        positive, negative, panels, _, story, _ = comfy.NODE_CLASS_MAPPINGS[PROMPTS].execute(
             clip=clip, story=text, style="No style", negative="blurry").result
     return positive, negative, panels, story
 

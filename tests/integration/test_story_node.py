@@ -44,8 +44,12 @@ def repeated(tensor, length):
 @pytest.mark.parametrize("kind", POOLED_WIDTH)
 def test_row_i_is_panel_i_alone_in_the_cond_and_in_the_sampler(kind, comfy, loaded):
     model, clip = loaded(kind)
-    positive, negative, panel_count, captions, story = run_node(comfy, clip, STORY)
+    positive, negative, panel_count, captions, story, summary = run_node(comfy, clip, STORY)
     assert (panel_count, captions) == (2, "Big news.\n")
+    never = "(never alone: no identity)"
+    assert summary.splitlines() == ["2 panels · 2 characters", f"identity panels: Bob {never}; Alice {never}",
+                                    f"1. reads Bob {never}; Alice {never}: {story.panels[0].prompt}",
+                                    f"2. no character, reads nobody: {story.panels[1].prompt}"]
     [[cond, extras]] = positive
     assert cond.shape[:2] == (panel_count, 154)
     assert extras["pooled_output"].shape == (panel_count, POOLED_WIDTH[kind])
@@ -125,7 +129,7 @@ def test_photomaker_panels_are_core_photomaker_encodings(comfy, loaded):
     face = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     text = "[Ann] a woman photomaker with short hair\n[Ann] walks in the park\n[NC] a quiet forest"  # 2 panels
     with torch.inference_mode():
-        positive, *_, story = comfy.NODE_CLASS_MAPPINGS[NODE].execute(
+        positive, *_, story, _ = comfy.NODE_CLASS_MAPPINGS[NODE].execute(
             clip=clip, story=text, style="No style", negative="", photomaker=photomaker, photomaker_image=face).result
         core = nodes["PhotoMakerEncode"].execute(photomaker=photomaker, image=face, clip=clip,
                                                  text=story.panels[0].prompt).result[0]
@@ -150,7 +154,7 @@ def test_t5_prompts_of_different_lengths_are_padded_to_one_batch(comfy):
     long = ", ".join(["a very long winding mountain road with pine trees"] * 40)  # past T5's 256-token minimum
     text = f"[Bob] a man in a red coat\n[Bob] walks\n[NC] {long}"
     with torch.inference_mode():
-        positive, negative, _, _, story = run_node(comfy, clip, text)
+        positive, negative, _, _, story, _ = run_node(comfy, clip, text)
     [[cond, extras]], [[negative_cond, _]] = positive, negative
     lengths = [len(clip.tokenize(p.prompt)["t5xxl"][0]) for p in story.panels]
     assert lengths[0] < lengths[1] and cond.shape == (2, lengths[1], 4096) and negative_cond.shape[1] == lengths[1]
@@ -170,7 +174,7 @@ def test_llm_prompts_of_different_lengths_batch_with_their_attention_masks(comfy
     clip = llm_text_encoder("qwen_image")
     text = "[Bob] a man in a red coat\n[Bob] walks\n[NC] a long winding mountain road with pine trees at dawn"
     with torch.inference_mode():
-        positive, negative, _, _, story = run_node(comfy, clip, text, negative="")
+        positive, negative, _, _, story, _ = run_node(comfy, clip, text, negative="")
     [[cond, extras]], [[negative_cond, negative_extras]] = positive, negative
     lengths = [len(clip.tokenize(p.prompt)["qwen25_7b"][0]) for p in story.panels]
     longest = max(lengths)
