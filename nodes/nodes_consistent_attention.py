@@ -1,6 +1,7 @@
 """The Consistent Self-Attention node: MODEL -> MODEL."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from comfy_api.v0_0_2 import io
@@ -97,9 +98,10 @@ class ConsistentSelfAttention(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "identity_panels", optional=True, default=DEFAULT_IDENTITY_PANELS, min=1, max=MAX_IDENTITY_PANELS,
-                    tooltip="With a story: how many of each character's first single-character panels make its "
-                    "identity (the official app's id_length; 2 by default). Identity panels share only with each "
-                    "other; every other panel of that character reads them. A character never shown alone is an error.",
+                    tooltip="With a story: the most of each character's first single-character panels that make its "
+                    "identity (the official app's id_length; 2 by default). A character shown alone in fewer panels "
+                    "uses all of them (logged when the node runs); one never shown alone is an error. Identity panels "
+                    "share only with each other; every other panel of that character reads them.",
                 ),
                 io.Int.Input(
                     "panels_per_call", optional=True, default=0, min=0, max=4096,
@@ -219,7 +221,14 @@ def story_cast(story, window: int, identity_panels: int, panels_per_call: int):
             f"window = {window} applies only without a story: with one, each panel reads the identity panels of "
             "its characters. Set window to 0, or disconnect the story to share across the whole batch."
         )
-    return story.cast(identity_panels)
+    cast = story.cast(identity_panels)
+    fewer = [f"[{name}] {len(ids)} identity panel{'s' * (len(ids) > 1)} of {identity_panels}"
+             for name, ids, references in zip(cast.names, cast.identity, cast.references)
+             if not references and len(ids) < identity_panels]
+    if fewer:
+        logging.info("Consistent Self-Attention: %s (a character alone in fewer panels than identity_panels uses "
+                     "those it has).", ", ".join(fewer))
+    return cast
 
 
 NODES = [ConsistentSelfAttention]
