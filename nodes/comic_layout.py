@@ -225,9 +225,7 @@ def parse_captions(text: str, panel_count: int) -> list[str]:
     Trailing empty lines are ignored (a final newline is not a panel). Fewer lines than panels
     leave the last panels uncaptioned.
     """
-    lines = [line.strip() for line in (text or "").splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
+    lines = caption_lines(text)
     if len(lines) > panel_count:
         raise ValueError(
             f"captions has {len(lines)} lines but images has only {panel_count} panels. If the captions "
@@ -238,6 +236,14 @@ def parse_captions(text: str, panel_count: int) -> list[str]:
             f"without caption)."
         )
     return lines + [""] * (panel_count - len(lines))
+
+
+def caption_lines(text: str) -> list[str]:
+    """One stripped caption per line; trailing empty lines dropped (a final newline is not a panel)."""
+    lines = [line.strip() for line in (text or "").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 _HEX_COLOR = re.compile(r"#?([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
@@ -352,9 +358,7 @@ def check_captions_fit(options: LayoutOptions, captions: str, font_size: int = 0
     """Before any panel exists (the captions and settings only): refuse captions that make a page
     too tall whatever the panels are. A lower bound: at least one panel per caption line, each panel
     1 px tall, each caption in the widest cell the layout has, the automatic font at its smallest."""
-    texts = [line.strip() for line in (captions or "").splitlines()]
-    while texts and not texts[-1]:
-        texts.pop()
+    texts = caption_lines(captions)
     if not any(texts):
         return
     check_width_fits(options)
