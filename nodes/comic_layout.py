@@ -359,7 +359,7 @@ def check_captions_fit(options: LayoutOptions, captions: str, font_size: int = 0
     too tall whatever the panels are. A lower bound: at least one panel per caption line, each panel
     1 px tall, each caption in the widest cell the layout has, the automatic font at its smallest."""
     texts = caption_lines(captions)
-    if not any(texts):
+    if not any(texts) or font_size < 0:  # a negative size is named by validation and compose_pages
         return
     check_width_fits(options)
     content = options.page_width - 2 * options.margin

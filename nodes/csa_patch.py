@@ -1,7 +1,8 @@
 """Consistent Self-Attention installed on a ComfyUI ModelPatcher.
 
 Small pieces cooperate, all namespaced and all stackable with other packs:
-- an OUTER_SAMPLE wrapper: refuses a prompt batch that does not match the latent batch;
+- an OUTER_SAMPLE wrapper: refuses, before the first step, a prompt batch that does not match the
+  latent batch and character references of another size than the latent;
 - an APPLY_MODEL wrapper: once per model call, finds the sampling step from the sigmas and puts
   a fresh per-call ``CallState`` (with the engine's ``CallPlanner`` and ``StoryCall``) into (a
   copy of) ``transformer_options``;
