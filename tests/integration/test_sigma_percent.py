@@ -15,7 +15,7 @@ from test_consistent_attention import SIZE, encode, patch
 
 
 class SigmaRecord:
-    """(sigma of the located step, layers CSA extended) for every model call."""
+    """(the call's sigma, the step CSA located, layers CSA extended) for every model call."""
 
     def __init__(self):
         self.calls = []
@@ -30,8 +30,10 @@ class SigmaRecord:
 
     def unet_call(self, executor, *args, **kwargs):
         out = executor(*args, **kwargs)
-        state = (args[5] if len(args) > 5 else kwargs["transformer_options"]).get(STATE_KEY)
-        self.calls.append((state.planner.step.sigma, state.planner.step.index, state.extended))
+        options = args[5] if len(args) > 5 else kwargs["transformer_options"]
+        state = options[STATE_KEY]
+        assert state.planner.step.sigma == float(options["sigmas"][0]), "euler: the call's sigma is its step's"
+        self.calls.append((float(options["sigmas"][0]), state.planner.step.index, state.extended))
         return out
 
 
@@ -59,7 +61,7 @@ def test_sigma_percents_turn_csa_on_exactly_inside_the_sigma_range(comfy, loaded
     high, low = to_sigma(0.3), to_sigma(0.6)
     on = [index for sigma, index, extended in record.calls if extended]
     assert [bool(extended) for _, _, extended in record.calls] == [low <= s <= high for s, _, _ in record.calls]
-    assert on and len(on) < len(record.calls) and all(sigma is not None for sigma, _, _ in record.calls)
+    assert on and len(on) < len(record.calls)
     steps_range = [i for i in range(6) if 0.3 <= i / 6 < 0.6]
     assert sorted(set(on)) != steps_range, "karras: the sigma range is not the step range"
 
