@@ -6,12 +6,12 @@ in a story, each panel the identity panels of its characters (``cast``, ``story_
 a few panels at a time if need be (``rows``).
 """
 from .cast import MAX_IDENTITY_PANELS, BatchCast, StoryCast
-from .config import ConsistentAttentionError, CSAConfig, parse_block_list
+from .config import OFFICIAL_SWITCH, OFFICIAL_WARMUP, PERCENT_OF, ConsistentAttentionError, CSAConfig, parse_block_list
 from .kernels import KERNELS, KernelChoice
 from .layers import downsample_factor
 from .planner import CallPlanner, layer_seed, panels_per_chunk
 from .rows import index_tensor, take_rows
-from .schedule import Step, layer_active, locate_step, mix_seed, step_in_range
+from .schedule import SigmaMarks, Step, layer_active, locate_step, mix_seed, step_in_range
 from .story_attention import StoryCall
 from .token_layout import RoPE, TokenLayout, dit_layout, extend_mask, patch_grid, rope_shift
 from .tokens import neighbour_table, sampled_count
@@ -24,6 +24,10 @@ __all__ = [
     "KERNELS",
     "KernelChoice",
     "MAX_IDENTITY_PANELS",
+    "OFFICIAL_SWITCH",
+    "OFFICIAL_WARMUP",
+    "PERCENT_OF",
+    "SigmaMarks",
     "Step",
     "StoryCall",
     "StoryCast",

@@ -14,6 +14,7 @@ BLOCK_PRESETS = {
     "double-stream": frozenset({"double"}),
 }
 SCHEDULES = ("official", "always")
+PERCENT_OF = ("steps", "sigma")  # what start / end (and the official warm-up and switch) are percents of
 
 # The official app's stochastic schedule (HVision-NKU/StoryDiffusion, gradio_app_sdxl_specific_id):
 # plain attention before step 5 of 50, then CSA on each layer with probability 0.7 before
@@ -62,7 +63,10 @@ class CSAConfig:
       cost grows linearly with the number of panels (the paper's tiles).
     blocks: "output" (official), "all", or "custom" with ``custom_blocks`` pairs.
     schedule: "official" (plain warm-up, then stochastic per layer) or "always".
-    start / end: the fraction of the sampling steps in which CSA may run.
+    start / end: the fraction of the sampling steps in which CSA may run, or with percent_of
+      "sigma" sigma percents (the host converts them to sigmas, ComfyUI with percent_to_sigma).
+    percent_of: "steps" (fractions of each sampler run's steps) or "sigma"; the official
+      schedule's warm-up and switch count the same way.
     seed: seeds token sampling and the schedule's draws; same seed, same images.
     """
 
@@ -75,6 +79,7 @@ class CSAConfig:
     start: float = 0.0
     end: float = 1.0
     seed: int = 0
+    percent_of: str = "steps"
 
     def __post_init__(self):
         for name in ("rate_fine", "rate_coarse", "start", "end"):
@@ -83,6 +88,8 @@ class CSAConfig:
                 raise ConsistentAttentionError(f"{name} must lie between 0 and 1, got {value}.")
         if self.window < 0:
             raise ConsistentAttentionError(f"window must be 0 (all panels) or positive, got {self.window}.")
+        if self.percent_of not in PERCENT_OF:
+            raise ConsistentAttentionError(f"percent_of must be one of {PERCENT_OF}, got {self.percent_of!r}.")
         if self.schedule not in SCHEDULES:
             raise ConsistentAttentionError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if self.blocks == "custom":

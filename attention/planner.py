@@ -38,7 +38,7 @@ class CallPlanner:
 
     def seed_for(self, tokens: int) -> int:
         """The token-sampling seed of one resolution in this call."""
-        return mix_seed(self.config.seed, self.step.index, tokens)
+        return mix_seed(self.config.seed, self.step.key, tokens)
 
 
 def panels_per_chunk(rows: int, chunks: int) -> int:

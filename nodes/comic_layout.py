@@ -36,6 +36,7 @@ RIGHT_TO_LEFT = "right to left (manga)"
 READING_ORDERS = (LEFT_TO_RIGHT, RIGHT_TO_LEFT)
 
 MIN_CELL_WIDTH = 16
+MIN_AUTO_FONT = 8  # the automatic caption size is never smaller
 MAX_PAGE_SIDE = 16384  # ComfyUI's MAX_RESOLUTION
 FONT_PATH = Path(__file__).resolve().parent / "fonts" / "ComicNeue-Bold.otf"
 
@@ -224,9 +225,7 @@ def parse_captions(text: str, panel_count: int) -> list[str]:
     Trailing empty lines are ignored (a final newline is not a panel). Fewer lines than panels
     leave the last panels uncaptioned.
     """
-    lines = [line.strip() for line in (text or "").splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
+    lines = caption_lines(text)
     if len(lines) > panel_count:
         raise ValueError(
             f"captions has {len(lines)} lines but images has only {panel_count} panels. If the captions "
@@ -237,6 +236,14 @@ def parse_captions(text: str, panel_count: int) -> list[str]:
             f"without caption)."
         )
     return lines + [""] * (panel_count - len(lines))
+
+
+def caption_lines(text: str) -> list[str]:
+    """One stripped caption per line; trailing empty lines dropped (a final newline is not a panel)."""
+    lines = [line.strip() for line in (text or "").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 _HEX_COLOR = re.compile(r"#?([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
@@ -264,7 +271,7 @@ def load_font(size: int) -> ImageFont.FreeTypeFont:
 
 def auto_font_size(page_width: int, narrowest_cell: int) -> int:
     """1/32 of the page width, capped so the narrowest panel is 12 sizes wide; never under 8 px."""
-    return max(8, round(min(page_width / 32, narrowest_cell / 12)))
+    return max(MIN_AUTO_FONT, round(min(page_width / 32, narrowest_cell / 12)))
 
 
 def caption_padding(font_size: int) -> int:
@@ -335,11 +342,38 @@ def plan_pages(options: LayoutOptions, panel_aspect: float, captions: list[str],
     plain = layout_pages(options, len(captions), panel_aspect)
     widths = {cell.panel: cell.image.w for page in plain.pages for cell in page}
     size = font_size or auto_font_size(options.page_width, min(widths.values()))
-    font, padding = load_font(size), caption_padding(size)
-    lines = tuple(tuple(wrap_text(text, font, widths[i] - 2 * padding)) for i, text in enumerate(captions))
-    most = max(len(panel_lines) for panel_lines in lines)
-    band = most * line_height(font) + 2 * padding if most else 0
+    lines, band = wrap_captions(captions, [widths[i] for i in range(len(captions))], size)
     return PagePlan(layout_pages(options, len(captions), panel_aspect, band), lines, size)
+
+
+def wrap_captions(captions: list[str], widths: list[int], size: int) -> tuple[tuple[tuple[str, ...], ...], int]:
+    """Each caption wrapped to its cell's width at font ``size``, and the band the longest needs."""
+    font, padding = load_font(size), caption_padding(size)
+    lines = tuple(tuple(wrap_text(text, font, width - 2 * padding)) for text, width in zip(captions, widths))
+    most = max((len(panel_lines) for panel_lines in lines), default=0)
+    return lines, most * line_height(font) + 2 * padding if most else 0
+
+
+def check_captions_fit(options: LayoutOptions, captions: str, font_size: int = 0) -> None:
+    """Before any panel exists (the captions and settings only): refuse captions that make a page
+    too tall whatever the panels are. A lower bound: at least one panel per caption line, each panel
+    1 px tall, each caption in the widest cell the layout has, the automatic font at its smallest."""
+    texts = caption_lines(captions)
+    if not any(texts) or font_size < 0:  # a negative size is named by validation and compose_pages
+        return
+    check_width_fits(options)
+    content = options.page_width - 2 * options.margin
+    widest = content if options.layout == CLASSIC else row_widths(content, options.max_per_row, options.gutter)[0]
+    _, band = wrap_captions(texts, [widest] * len(texts), font_size or MIN_AUTO_FONT)
+    rows = max(len(page) for page in page_row_counts(options, len(texts)))
+    least = 2 * options.margin + rows * (1 + band) + (rows - 1) * options.gutter
+    if least > MAX_PAGE_SIDE:
+        font = f"caption_font_size {font_size}" if font_size else f"the smallest automatic font ({MIN_AUTO_FONT} px)"
+        raise ValueError(
+            f"A page would be at least {least} px tall (at most {MAX_PAGE_SIDE}) whatever the panels: its captions "
+            f"take {band} px per row at {font}, in {rows} row(s). Lower caption_font_size, shorten the captions, "
+            "or set panels_per_page to split the story over several pages."
+        )
 
 
 def render_pages(

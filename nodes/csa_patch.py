@@ -1,7 +1,8 @@
 """Consistent Self-Attention installed on a ComfyUI ModelPatcher.
 
 Small pieces cooperate, all namespaced and all stackable with other packs:
-- an OUTER_SAMPLE wrapper: refuses a prompt batch that does not match the latent batch;
+- an OUTER_SAMPLE wrapper: refuses, before the first step, a prompt batch that does not match the
+  latent batch and character references of another size than the latent;
 - an APPLY_MODEL wrapper: once per model call, finds the sampling step from the sigmas and puts
   a fresh per-call ``CallState`` (with the engine's ``CallPlanner`` and ``StoryCall``) into (a
   copy of) ``transformer_options``;
@@ -18,12 +19,15 @@ Nothing persists between calls; the patch object holds only frozen options, and 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..attention import (
-    BatchCast, CallPlanner, ConsistentAttentionError, CSAConfig, KernelChoice, Step, StoryCall, StoryCast, locate_step,
-    panels_per_chunk,
+    OFFICIAL_SWITCH, OFFICIAL_WARMUP, BatchCast, CallPlanner, ConsistentAttentionError, CSAConfig, KernelChoice,
+    SigmaMarks, Step, StoryCall, StoryCast, locate_step, panels_per_chunk,
 )
+from .references import check_references
 from .story_calls import run_story_call
 
 STATE_KEY = "consistent_story.csa"
@@ -76,13 +80,30 @@ def raise_unreached(pending) -> None:
     )
 
 
-def current_step(transformer_options: dict) -> Step:
-    """The step of this sampling call (one host sync per model call, measured at 0.4 ms on SDXL)."""
+def current_step(transformer_options: dict, config: CSAConfig | None = None, model_sampling=None) -> Step:
+    """The step of this sampling call (one host sync per model call, measured at 0.4 ms on SDXL).
+
+    With sigma percents (``config.percent_of == "sigma"``) the step also carries its sigma (the
+    schedule's, so extra evaluations of one step agree) and the config's percents converted by
+    ``model_sampling.percent_to_sigma``, as ComfyUI's ControlNet converts its start and end."""
     sigmas = transformer_options.get("sigmas")
     schedule = transformer_options.get("sample_sigmas")
     if sigmas is None or schedule is None:
         return Step(0, 1)
-    return locate_step(float(sigmas.reshape(-1)[0]), schedule.tolist())
+    schedule = schedule.tolist()
+    step = locate_step(float(sigmas.reshape(-1)[0]), schedule)
+    if config is None or config.percent_of != "sigma":
+        return step
+    return replace(step, sigma=float(schedule[step.index]), marks=sigma_marks(config, model_sampling))
+
+
+def sigma_marks(config: CSAConfig, model_sampling) -> SigmaMarks:
+    """The config's sigma percents as sigmas of this model (a shift node's model_sampling included)."""
+    def to_sigma(percent: float) -> float:
+        return float(model_sampling.percent_to_sigma(percent))
+
+    warmup, switch = (to_sigma(OFFICIAL_WARMUP), to_sigma(OFFICIAL_SWITCH)) if config.schedule == "official" else (0, 0)
+    return SigmaMarks(to_sigma(config.start), to_sigma(config.end), warmup, switch)
 
 
 def check_panel_batch(executor, noise, *args, story_panels: int | None = None, **kwargs):
@@ -163,9 +184,12 @@ class ConsistentAttentionPatch:
         model.set_model_attn1_patch(self)
 
     def check_batch(self, executor, noise, *args, **kwargs):
+        """OUTER_SAMPLE wrapper: before the first step, the panel batch, a part's noise and the references' size."""
         story_panels = None if self.cast is None else len(self.cast.batch)
         if self.cast is not None and self.cast.drawn is not None:
             check_story_noise(self.cast.drawn, noise, args, kwargs)
+        if self.references:
+            check_references(self.references, executor.class_obj.model_patcher.model, tuple(noise.shape[-2:]))
         return check_panel_batch(executor, noise, *args, story_panels=story_panels, **kwargs)
 
     def size_model_load(self, executor, model, noise_shape, conds, model_options=None, **kwargs):
@@ -178,7 +202,7 @@ class ConsistentAttentionPatch:
 
     def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         options = dict(transformer_options)  # the caller's dict stays untouched
-        planner = CallPlanner(self.config, current_step(options))
+        planner = CallPlanner(self.config, current_step(options, self.config, executor.class_obj.model_sampling))
         if self.cast is not None:
             return run_story_call(self, planner, executor, x, t, c_concat, c_crossattn, control, options, **kwargs)
         chunks = len(options.get("cond_or_uncond") or [0])

@@ -2,7 +2,8 @@
 from comfy_api.v0_0_2 import io
 
 from .comic_layout import (
-    CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, check_width_fits, compose_pages, parse_color,
+    CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, check_captions_fit, check_width_fits, compose_pages,
+    parse_color,
 )
 from .nodes_story import CATEGORY, StoryType
 from .story_panels import panel_folder, save_panels, whole_story
@@ -24,7 +25,7 @@ class ComicPage(io.ComfyNode):
                 "several pages of the same size are returned as one image batch."
             ),
             inputs=[
-                io.Image.Input("images", tooltip="The story's panels, in reading order."),
+                io.Image.Input("images", lazy=True, tooltip="The story's panels, in reading order."),
                 io.String.Input(
                     "captions",
                     multiline=True,
@@ -105,9 +106,9 @@ class ComicPage(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, layout=None, columns=None, seed=0, reading_order=None, page_width=None,
                         panels_per_page=0, gutter=None, margin=None, caption_font_size=0, background_color=None,
-                        **linked):
+                        captions=None, **linked):
         """Before anything is sampled: the page settings that are widgets (a linked input arrives as
-        None and is checked when the node runs)."""
+        None: linked captions are checked in check_lazy_status, still before sampling)."""
         try:
             if background_color is not None:
                 parse_color(background_color)
@@ -116,9 +117,24 @@ class ComicPage(io.ComfyNode):
             values = (layout, columns, seed, reading_order, page_width, panels_per_page, gutter, margin)
             if all(value is not None for value in values):
                 check_width_fits(LayoutOptions(*values))
+                if captions is not None and caption_font_size is not None:
+                    check_captions_fit(LayoutOptions(*values), captions, caption_font_size)
         except ValueError as error:
             return str(error)
         return True
+
+    @classmethod
+    def check_lazy_status(cls, captions="", layout=None, columns=None, seed=0, reading_order=None, page_width=None,
+                          panels_per_page=0, gutter=None, margin=None, caption_font_size=0, images=None, **rest):
+        """``images`` is lazy, so ComfyUI runs this node once its captions are known (from Story
+        Prompts, before sampling; the executor runs a node that feeds an output as soon as it can)
+        and asks here which inputs it needs: captions that would make every page too tall are
+        refused then, instead of after the panels are sampled."""
+        if images is None:
+            options = LayoutOptions(layout, columns, seed, reading_order, page_width, panels_per_page, gutter, margin)
+            check_captions_fit(options, captions, caption_font_size)
+            return ["images"]
+        return []
 
     @classmethod
     def execute(

@@ -1,11 +1,12 @@
 """The Consistent Self-Attention node: MODEL -> MODEL."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from comfy_api.v0_0_2 import io
 
-from ..attention import KERNELS, MAX_IDENTITY_PANELS, ConsistentAttentionError, CSAConfig, parse_block_list
+from ..attention import KERNELS, MAX_IDENTITY_PANELS, PERCENT_OF, ConsistentAttentionError, CSAConfig, parse_block_list
 from .csa_patch import ConsistentAttentionPatch
 from .dit_families import FAMILIES, dit_family
 from .dit_patch import KEY_POSITIONS, DiTAttentionPatch
@@ -66,17 +67,22 @@ class ConsistentSelfAttention(io.ComfyNode):
                 io.Combo.Input(
                     "schedule", options=["official", "always"], default="official",
                     tooltip="'official': plain attention for the first 10% of steps, then CSA on each layer with "
-                    "probability 0.7, and 0.9 from 40% of the steps on (as the official app). 'always': every step in "
-                    "the start-end range, every chosen layer.",
+                    "probability 0.7, and 0.9 from 40% of the steps on (as the official app; with percent_of 'sigma' "
+                    "these are sigma percents). 'always': every step in the start-end range, every chosen layer.",
                 ),
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="CSA runs from this fraction of the sampler's steps on (0 = first step). A sampler that "
-                    "starts later (KSamplerAdvanced from step 20, denoise below 1) counts its own steps.",
+                    tooltip="Where CSA starts; what it is a percent of, percent_of says. 'steps' (default): this "
+                    "fraction of each sampler run's steps (0 = its first step); a sampler that starts later "
+                    "(KSamplerAdvanced from step 20, denoise below 1) counts its own steps. 'sigma': a sigma percent "
+                    "as ControlNet's start_percent (0 = the highest noise): CSA runs while the step's sigma is at "
+                    "most this percent's sigma.",
                 ),
                 io.Float.Input(
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="CSA stops before this fraction of the sampler's steps (1 = through the last step).",
+                    tooltip="Where CSA ends. 'steps': CSA stops before this fraction of each sampler run's steps (1 = "
+                    "through the last step). 'sigma': a sigma percent as ControlNet's end_percent: CSA runs while the "
+                    "step's sigma is at least this percent's sigma (1 = through the last step).",
                 ),
                 io.Int.Input(
                     "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
@@ -90,9 +96,10 @@ class ConsistentSelfAttention(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "identity_panels", optional=True, default=DEFAULT_IDENTITY_PANELS, min=1, max=MAX_IDENTITY_PANELS,
-                    tooltip="With a story: how many of each character's first single-character panels make its "
-                    "identity (the official app's id_length; 2 by default). Identity panels share only with each "
-                    "other; every other panel of that character reads them. A character never shown alone is an error.",
+                    tooltip="With a story: the most of each character's first single-character panels that make its "
+                    "identity (the official app's id_length; 2 by default). A character shown alone in fewer panels "
+                    "uses all of them (logged when the node runs); one never shown alone is an error. Identity panels "
+                    "share only with each other; every other panel of that character reads them.",
                 ),
                 io.Int.Input(
                     "panels_per_call", optional=True, default=0, min=0, max=4096,
@@ -116,6 +123,14 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "Hopper cuDNN is about twice as fast there). 'host': always ComfyUI's own choice. Calls CSA does "
                     "not extend always keep ComfyUI's kernel. On a CPU, or another attention backend, both are the same.",
                 ),
+                io.Combo.Input(
+                    "percent_of", options=list(PERCENT_OF), default="steps", optional=True,
+                    tooltip="What start_percent, end_percent and the official schedule's 10% warm-up and 40% switch "
+                    "count. 'steps' (default, as before): fractions of each sampler run's steps, so a second sampler "
+                    "pass (refiner, hires fix, KSamplerAdvanced from a later step) starts the warm-up over. 'sigma': "
+                    "sigma percents, as ControlNet and conditioning timestep ranges in ComfyUI (the model's "
+                    "percent_to_sigma): each step's noise level decides, so passes over one schedule behave as one pass.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
         )
@@ -123,7 +138,8 @@ class ConsistentSelfAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, rate_fine, rate_coarse, window, blocks, custom_blocks, schedule,
                 start_percent, end_percent, seed, story=None, identity_panels=DEFAULT_IDENTITY_PANELS,
-                panels_per_call=0, key_positions="shifted", attention_kernel="fastest") -> io.NodeOutput:
+                panels_per_call=0, key_positions="shifted", attention_kernel="fastest",
+                percent_of="steps") -> io.NodeOutput:
         config = CSAConfig(
             rate_fine=rate_fine,
             rate_coarse=rate_coarse,
@@ -134,6 +150,7 @@ class ConsistentSelfAttention(io.ComfyNode):
             start=start_percent,
             end=end_percent,
             seed=seed,
+            percent_of=percent_of,
         )
         cast = story_cast(story, window, identity_panels, panels_per_call)
         family = dit_family(model)
@@ -208,7 +225,14 @@ def story_cast(story, window: int, identity_panels: int, panels_per_call: int):
             f"Story Prompts' identity_panels is {drawn_for} but this node's is {identity_panels}: a story drawn in "
             "part (Story Prompts' panels) draws the identity panels this node reads. Set both to the same value."
         )
-    return story.cast(identity_panels)
+    cast = story.cast(identity_panels)
+    fewer = [f"[{name}] {len(ids)} identity panel{'s' * (len(ids) > 1)} of {identity_panels}"
+             for name, ids, references in zip(cast.names, cast.identity, cast.references)
+             if not references and len(ids) < identity_panels]
+    if fewer:
+        logging.info("Consistent Self-Attention: %s (a character alone in fewer panels than identity_panels uses "
+                     "those it has).", ", ".join(fewer))
+    return cast
 
 
 NODES = [ConsistentSelfAttention]

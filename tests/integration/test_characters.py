@@ -144,6 +144,21 @@ def test_panels_read_the_images_of_their_character(comfy, sd15):
     assert torch.isfinite(sample(comfy, patch(comfy, model, kit), positive, negative, panels)).all()
 
 
+def test_references_of_another_size_are_refused_before_the_first_step(comfy, sd15):
+    """The OUTER_SAMPLE wrapper sees the noise: 32 px references for 64 px panels stop the run
+    before the sampler starts (a SAMPLER_SAMPLE wrapper is never entered), not at the first model call."""
+    model, clip, vae = sd15
+    positive, negative, panels, story = story_inputs(comfy, clip, STORY)
+    small = with_image_character(comfy, story, "Bob", picture(1, size=32), model, clip, vae, size=32)
+    started = []
+    recorded = model.clone()
+    recorded.add_wrapper_with_key("sampler_sample", "test.started",
+                                  lambda executor, *args, **kwargs: started.append(1) or executor(*args, **kwargs))
+    with pytest.raises(ValueError, match=r"\[Bob\]'s reference images are 32x32 px but .* for 64x64 px panels"):
+        sample(comfy, patch(comfy, recorded, small), positive, negative, panels)
+    assert started == []
+
+
 def test_save_and_load_round_trip_and_refuse_bad_files(comfy, sd15, loaded, characters_folder):
     import safetensors.torch
 

@@ -109,3 +109,31 @@ def test_captions_too_large_for_the_page_name_the_font_size():
 
     with pytest.raises(ValueError, match="Lower caption_font_size"):
         layout_pages(LayoutOptions(page_width=512, columns=1), 40, 1.0, caption_band=2000)
+
+
+def test_captions_too_tall_for_any_page_stop_the_graph_before_sampling(comfy, checkpoints, graph_runner):
+    """Story Prompts' captions reach Comic Page before its (lazy) images: a font that makes every page too
+    tall whatever the panels is refused then, and the sampler never runs; typed captions at validation."""
+    from harness.runner import GraphError, ksampler_graph
+
+    story_node = comfy.NODE_CLASS_MAPPINGS["ConsistentStoryPrompts"].GET_SCHEMA()
+    story_text = next(i.default for i in story_node.inputs if i.id == "story")
+    graph = ksampler_graph(checkpoints["sd15_small"], batch_size=1, steps=1, filename_prefix="comic_too_tall")
+    story = graph.builder.node("ConsistentStoryPrompts", clip=graph.checkpoint.out(1), story=story_text,
+                               style="No style", negative="blurry")
+    graph.sampler.set_input("positive", story.out(0))
+    graph.sampler.set_input("negative", story.out(1))
+    graph.latent.set_input("batch_size", story.out(2))
+    page = graph.builder.node(NODE, images=graph.decode.out(0), captions=story.out(3),
+                              **{**SETTINGS, "caption_font_size": 512})
+    graph.save.set_input("images", page.out(0))
+    with pytest.raises(GraphError, match="whatever the panels: its captions take") as raised:
+        graph_runner(graph.prompt())
+    assert raised.value.stage == "execution" and raised.value.details["node_type"] == NODE
+    assert story.id in raised.value.details["executed"] and graph.sampler.id not in raised.value.details["executed"]
+
+    prompt, page_id = comic_graph(caption_font_size=512)
+    prompt[page_id]["inputs"]["captions"] = "Where does this lead?\n" * 4  # typed: ComfyUI's validation sees it
+    with pytest.raises(GraphError, match="whatever the panels") as raised:
+        graph_runner(prompt)
+    assert raised.value.stage == "validation"

@@ -194,6 +194,18 @@ def test_wiring_and_option_errors_name_the_fix(comfy, story_setup, loaded):
         sample(comfy, patch(comfy, model, story), positive, negative, 5, steps=1)
 
 
+def test_identity_panels_beyond_a_characters_solo_panels_are_stated(comfy, story_setup, caplog):
+    """identity_panels is the most per character (a stated rule, not an error: one character shown
+    alone twice keeps the others' third identity panel): at 3, Alice, alone twice, takes 2 and the
+    log says so; Bob, alone three times, takes 3 and is not named."""
+    model, story = story_setup[0], story_setup[-1]
+    with caplog.at_level("INFO"):
+        patch(comfy, model, story, identity_panels=3)
+    assert story.identity_panels(3) == {"Bob": (0, 2, 6), "Alice": ALICE_IDS}
+    assert "[Alice] 2 identity panels of 3" in caplog.text and "[Bob]" not in caplog.text
+
+
+
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
 def test_samplers_with_extra_evaluations_and_cfg_one(comfy, story_setup, sampler):
     model, _, positive, negative, panels, story = story_setup

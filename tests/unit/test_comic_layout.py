@@ -314,3 +314,25 @@ def test_grey_and_rgba_images_are_accepted():
 def test_negative_font_size_is_an_error():
     with pytest.raises(ValueError, match="caption_font_size"):
         cl.compose_pages(panels(1), "", options(), font_size=-3)
+
+
+@pytest.mark.parametrize("layout", cl.LAYOUTS)
+def test_caption_check_before_panels_refuses_only_pages_that_cannot_fit(layout):
+    """check_captions_fit (captions and settings, no panels yet) is a lower bound: what it refuses,
+    every panel count from the caption lines on and every panel shape refuses too; below the bound
+    the same captions are laid out."""
+    options = cl.LayoutOptions(layout=layout, columns=3, page_width=512, panels_per_page=0, gutter=8, margin=16)
+    captions = "\n".join(f"panel {i} where the hero walks a long way home" for i in range(6))
+    for size in (24, 400):
+        try:
+            cl.check_captions_fit(options, captions, size)
+        except ValueError as error:
+            assert "whatever the panels" in str(error) and f"caption_font_size {size}" in str(error)
+            for panels, aspect in itertools.product((6, 7, 12), (0.25, 1.0, 2.0)):
+                lines = captions.split("\n") + [""] * (panels - 6)
+                with pytest.raises(ValueError, match="tall"):
+                    cl.plan_pages(options, aspect, lines, size)
+            continue
+        assert size == 24, "font 400 in 512 px pages must be refused before any panel"
+        cl.plan_pages(options, 0.25, captions.split("\n"), size)
+    cl.check_captions_fit(options, "\n\n", 512)  # no caption: no band

@@ -10,6 +10,7 @@ load_pack()
 from consistent_story.attention import (  # noqa: E402
     ConsistentAttentionError,
     CSAConfig,
+    SigmaMarks,
     BatchCast,
     CallPlanner,
     Step,
@@ -152,6 +153,29 @@ def test_always_schedule_and_ranges():
     assert all(layer_active(config, Step(2, 8), layer) for layer in range(50))
     assert not CSAConfig(start=1.0).enabled and not CSAConfig(rate_fine=0, rate_coarse=0).enabled
     assert CSAConfig().enabled
+
+
+def test_sigma_percents_follow_the_sigma_not_the_step_count():
+    """percent_of 'sigma': on while sigma(end) <= sigma <= sigma(start) (ControlNet's ends), the warm-up
+    while the sigma is above sigma(10%), the switch at sigma(40%); draws keyed by the sigma, so the
+    same sigma draws the same in any pass, whatever its index there."""
+    marks = SigmaMarks(start=10.0, end=2.0, warmup=12.0, switch=5.0)
+    config = CSAConfig(schedule="official", percent_of="sigma", seed=3)
+    at = lambda sigma, index=0: Step(index, 4, sigma, marks)  # noqa: E731
+    assert [step_in_range(config, at(s)) for s in (13.0, 10.0, 6.0, 2.0, 1.9)] == [False, True, True, True, False]
+    wide = Step(0, 4, 12.5, SigmaMarks(start=13.0, end=2.0, warmup=12.0, switch=5.0))
+    assert step_in_range(CSAConfig(schedule="always", percent_of="sigma"), wide) and not step_in_range(config, wide)
+    layers = range(400)
+    early = sum(layer_active(config, at(6.0), layer) for layer in layers) / len(layers)
+    late = sum(layer_active(config, at(4.0), layer) for layer in layers) / len(layers)
+    assert 0.6 < early < 0.8 and 0.84 < late < 0.96
+    assert [layer_active(config, at(6.0, 0), i) for i in layers] == [layer_active(config, at(6.0, 3), i) for i in layers]
+    assert CallPlanner(config, at(6.0, 0)).seed_for(64) == CallPlanner(config, at(6.0, 3)).seed_for(64)
+    assert CallPlanner(config, at(6.0)).seed_for(64) != CallPlanner(config, at(5.5)).seed_for(64)
+    with pytest.raises(ConsistentAttentionError, match="percent_of is 'sigma' but this host gave no sigma"):
+        step_in_range(config, Step(1, 4))
+    with pytest.raises(ConsistentAttentionError, match="percent_of must be one of"):
+        CSAConfig(percent_of="sigmas")
 
 
 def test_block_selection():
