@@ -4,7 +4,8 @@ Debian's Chromium (``/usr/bin/chromium``, or ``$CONSISTENT_STORY_CHROMIUM``) is 
 Playwright's Python package; Playwright's own browser download is never used. Both come from
 ``scripts/setup_browser.sh``. The page talks to a server from tests/harness/server.py (loopback
 only); the helpers below open the app, open the template browser, check a loaded graph (node
-types registered, no dialog, no console error, the Story Prompts badge) and fit it to the view.
+types registered, no title hidden by a node or group, no dialog, no console error, the Story
+Prompts badge) and fit it to the view.
 
 The badge is drawn on the canvas, not in the DOM: ``BADGE_JS`` draws the node once into a spare
 canvas and keeps the strings its extension writes, and its leading "N panels · M characters" is
@@ -106,6 +107,32 @@ VUE_BADGE_JS = """
 """
 VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
 SET_SETTING_JS = "([key, value]) => app.ui.settings.setSettingValueAsync(key, value)"
+
+# Title bars the graph hides: a group's title under a node or inside another group (or wider
+# than its group), a node's title under another node. Boxes as the frontend laid them out.
+LAYOUT_JS = """
+() => {
+  const T = LiteGraph.NODE_TITLE_HEIGHT;
+  const ctx = document.createElement("canvas").getContext("2d");
+  const meets = (a, b) => a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3];
+  const holds = (a, b) => a[0] <= b[0] && a[1] <= b[1] && a[0] + a[2] >= b[0] + b[2] && a[1] + a[3] >= b[1] + b[3];
+  const nodes = app.graph.nodes.map((n) => ({ name: n.title, box: [...n.boundingRect], title: [n.pos[0], n.pos[1] - T, n.size[0], T] }));
+  const groups = (app.graph.groups ?? app.graph._groups).map((g) => {
+    const size = g.font_size ?? 24;
+    ctx.font = `${size}px Arial`;
+    return { name: g.title, box: [g.pos[0], g.pos[1], g.size[0], g.size[1]], text: ctx.measureText(g.title).width + size * 0.5,
+             title: [g.pos[0], g.pos[1], g.size[0], g.titleHeight ?? size * 1.4] };
+  });
+  const hits = [];
+  for (const g of groups) {
+    if (g.text > g.box[2]) hits.push(`group "${g.name}": title wider than its group`);
+    for (const n of nodes) if (meets(g.title, n.box)) hits.push(`group "${g.name}": title under node "${n.name}"`);
+    for (const h of groups) if (h !== g && meets(g.title, h.box) && !holds(h.box, g.box)) hits.push(`group "${g.name}": title inside group "${h.name}"`);
+  }
+  for (const n of nodes) for (const m of nodes) if (m !== n && meets(n.title, m.box)) hits.push(`node "${n.name}": title under node "${m.name}"`);
+  return hits;
+}
+"""
 
 # Fit the given nodes (all when none are given), title bars included, into the view.
 FIT_JS = """
@@ -323,6 +350,9 @@ def check_graph(page, workflow: dict, name: str, console: Console, since: int, s
         raise FrontendCheckError(f"{name}: node types unknown to the frontend: {loaded['unregistered']}")
     if sorted(loaded["types"]) != sorted(node["type"] for node in workflow["nodes"]):
         raise FrontendCheckError(f"{name}: the frontend built {loaded['types']}")
+    collisions = page.evaluate(LAYOUT_JS)
+    if collisions:
+        raise FrontendCheckError(f"{name}: titles hidden in the layout:\n" + "\n".join(collisions))
     time.sleep(settle_s)
     dialogs = page.evaluate(OPEN_DIALOGS_JS)
     if dialogs:
