@@ -123,20 +123,25 @@ class ConsistentSelfAttention(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, rate_fine=None, rate_coarse=None, window=None, blocks=None, custom_blocks=None,
+                        schedule=None, start_percent=None, end_percent=None, seed=None, **linked):
+        """Before anything is sampled, so that the editor shows the message on this node: the
+        options that are widgets (a linked input arrives as None and is checked when the node runs)."""
+        options = (rate_fine, rate_coarse, window, blocks, custom_blocks, schedule, start_percent, end_percent, seed)
+        if any(value is None for value in options):
+            return True
+        try:
+            csa_config(*options)
+        except ConsistentAttentionError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, model, rate_fine, rate_coarse, window, blocks, custom_blocks, schedule,
                 start_percent, end_percent, seed, story=None, identity_panels=DEFAULT_IDENTITY_PANELS,
                 panels_per_call=0, key_positions="shifted", attention_kernel="fastest") -> io.NodeOutput:
-        config = CSAConfig(
-            rate_fine=rate_fine,
-            rate_coarse=rate_coarse,
-            window=window,
-            blocks=blocks,
-            custom_blocks=parse_block_list(custom_blocks) if blocks == "custom" else frozenset(),
-            schedule=schedule,
-            start=start_percent,
-            end=end_percent,
-            seed=seed,
-        )
+        config = csa_config(rate_fine, rate_coarse, window, blocks, custom_blocks, schedule, start_percent,
+                            end_percent, seed)
         cast = story_cast(story, window, identity_panels, panels_per_call)
         family = dit_family(model)
         if family is not None:  # one resolution: rate_fine is the rate (rate_coarse is ignored, as the tooltip says)
@@ -157,6 +162,15 @@ class ConsistentSelfAttention(io.ComfyNode):
         else:
             ConsistentAttentionPatch(config, cast, panels_per_call, references, attention_kernel).install(patched)
         return io.NodeOutput(patched)
+
+
+def csa_config(rate_fine, rate_coarse, window, blocks, custom_blocks, schedule, start, end, seed) -> CSAConfig:
+    """The node's options as a checked CSAConfig; raises ConsistentAttentionError naming the input."""
+    return CSAConfig(
+        rate_fine=rate_fine, rate_coarse=rate_coarse, window=window, blocks=blocks,
+        custom_blocks=parse_block_list(custom_blocks) if blocks == "custom" else frozenset(),
+        schedule=schedule, start=start, end=end, seed=seed,
+    )
 
 
 def attention_blocks(model, family) -> set[tuple[str, int]]:

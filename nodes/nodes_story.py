@@ -211,6 +211,19 @@ class StoryPrompts(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, story=None, style=None, negative="", custom_style="", **linked):
+        """Before anything is sampled, so that the editor shows the message on this node: the story
+        when it and the style are widgets (a linked input arrives as None and is checked when the
+        node runs)."""
+        if any(value is None for value in (story, style, negative, custom_style)):
+            return True
+        try:
+            parse_story(story, style, custom_style, negative)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, clip, story, style, negative, custom_style="", photomaker=None,
                 photomaker_image=None) -> io.NodeOutput:
         if clip is None:
