@@ -14,6 +14,9 @@ from .nodes_story import CATEGORY, StoryType
 DEFAULT_IDENTITY_PANELS = 2  # the official app's default id_length
 
 
+BLOCK_OPTIONS = ("output", "all", "custom", "single-stream", "double-stream")
+
+
 class ConsistentSelfAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -52,7 +55,7 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "With a story the characters decide who reads whom: keep 0.",
                 ),
                 io.Combo.Input(
-                    "blocks", options=["output", "all", "custom", "single-stream", "double-stream"], default="output",
+                    "blocks", options=list(BLOCK_OPTIONS), default="output",
                     tooltip="Where CSA runs. UNet: 'output' = the decoder blocks (as the official app); 'all' = every "
                     "self-attention layer. DiT: 'output' = the family's default: the single-stream blocks on Flux.1, "
                     "Flux.2, Chroma and Chroma Radiance (as CharaConsist), the second half of the blocks on Qwen-Image, "
@@ -123,15 +126,15 @@ class ConsistentSelfAttention(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, rate_fine=None, rate_coarse=None, window=None, blocks=None, custom_blocks=None,
-                        schedule=None, start_percent=None, end_percent=None, seed=None, **linked):
-        """Before anything is sampled, so that the editor shows the message on this node: the
-        options that are widgets (a linked input arrives as None and is checked when the node runs)."""
-        options = (rate_fine, rate_coarse, window, blocks, custom_blocks, schedule, start_percent, end_percent, seed)
-        if any(value is None for value in options):
-            return True
+    def validate_inputs(cls, blocks=None, custom_blocks=None):
+        """Before anything loads, so that the editor shows the message on this node: the block
+        list (inputs named here skip ComfyUI's own list check, hence blocks is checked too; a
+        linked input arrives as None and is checked when the node runs)."""
         try:
-            csa_config(*options)
+            if blocks is not None and blocks not in BLOCK_OPTIONS:
+                raise ConsistentAttentionError(f"blocks must be one of {BLOCK_OPTIONS}, got {blocks!r}.")
+            if blocks == "custom" and custom_blocks is not None:
+                parse_block_list(custom_blocks)
         except ConsistentAttentionError as error:
             return str(error)
         return True
@@ -140,8 +143,17 @@ class ConsistentSelfAttention(io.ComfyNode):
     def execute(cls, model, rate_fine, rate_coarse, window, blocks, custom_blocks, schedule,
                 start_percent, end_percent, seed, story=None, identity_panels=DEFAULT_IDENTITY_PANELS,
                 panels_per_call=0, key_positions="shifted", attention_kernel="fastest") -> io.NodeOutput:
-        config = csa_config(rate_fine, rate_coarse, window, blocks, custom_blocks, schedule, start_percent,
-                            end_percent, seed)
+        config = CSAConfig(
+            rate_fine=rate_fine,
+            rate_coarse=rate_coarse,
+            window=window,
+            blocks=blocks,
+            custom_blocks=parse_block_list(custom_blocks) if blocks == "custom" else frozenset(),
+            schedule=schedule,
+            start=start_percent,
+            end=end_percent,
+            seed=seed,
+        )
         cast = story_cast(story, window, identity_panels, panels_per_call)
         family = dit_family(model)
         if family is not None:  # one resolution: rate_fine is the rate (rate_coarse is ignored, as the tooltip says)
@@ -162,15 +174,6 @@ class ConsistentSelfAttention(io.ComfyNode):
         else:
             ConsistentAttentionPatch(config, cast, panels_per_call, references, attention_kernel).install(patched)
         return io.NodeOutput(patched)
-
-
-def csa_config(rate_fine, rate_coarse, window, blocks, custom_blocks, schedule, start, end, seed) -> CSAConfig:
-    """The node's options as a checked CSAConfig; raises ConsistentAttentionError naming the input."""
-    return CSAConfig(
-        rate_fine=rate_fine, rate_coarse=rate_coarse, window=window, blocks=blocks,
-        custom_blocks=parse_block_list(custom_blocks) if blocks == "custom" else frozenset(),
-        schedule=schedule, start=start, end=end, seed=seed,
-    )
 
 
 def attention_blocks(model, family) -> set[tuple[str, int]]:

@@ -224,3 +224,36 @@ def test_badge_shows_in_vue_nodes_mode(frontend):
     finally:
         page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, False])
     assert console.pack_errors() == []
+
+
+SHOWS_ANY_JS = "(texts) => texts.some((text) => document.body.innerText.includes(text))"
+SEE_ERRORS = '[data-testid="error-overlay-see-errors"]'
+SHOWN_OR_SUMMED_JS = "([text, button]) => document.body.innerText.includes(text) || !!document.querySelector(button)"
+
+
+def test_a_bad_option_is_shown_with_its_node_when_run_is_pressed(frontend, comfy_server, server_checkpoint):
+    """ComfyUI's validation refuses the prompt (the node's validate_inputs) before anything loads;
+    the frontend marks the node and shows the pack's message itself. Last in the file: 1.58 leaves
+    its issues panel open beside the canvas."""
+    page, console = frontend
+    workflow = load_workflow(WORKFLOW_DIR / f"{QUEUED}.json")
+    open_templates(page)
+    load_template(page, QUEUED)
+    prompt, values = small_prompt_values(workflow, comfy_server, server_checkpoint)
+    attention_id = next(iter(nodes_of_type(prompt, "ConsistentStorySelfAttention")))
+    values[attention_id].update(blocks="custom", custom_blocks="outptu 0-2")
+    page.evaluate(SET_WIDGETS_JS, values)
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        page.locator(QUEUE_BUTTON).click()
+    refused = posted.value.json()["node_errors"]
+    assert list(refused) == [attention_id], refused  # one node marked, the rest of the graph fine
+    message = "custom_blocks: cannot read 'outptu 0-2'"
+    assert message in refused[attention_id]["errors"][0]["details"]
+    # 1.27 shows the message in its error dialog; 1.58 sums the errors up ("N issues found") and
+    # one click lists them by node and input, the message behind each entry's info button.
+    page.wait_for_function(SHOWN_OR_SUMMED_JS, arg=[message, SEE_ERRORS])
+    if not page.evaluate(SHOWS_ANY_JS, [message]):
+        page.locator(SEE_ERRORS).first.click()
+        page.wait_for_function(SHOWS_ANY_JS, arg=[message, "Consistent Self-Attention - custom_blocks"])
+    assert page.evaluate("(id) => !!app.lastNodeErrors?.[id]", attention_id)
+    assert console.pack_errors() == []

@@ -18,6 +18,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from harness.layout_checks import hidden_titles
 from harness.pack import load_pack
 from harness.server import PACK_LINK_NAME
 
@@ -107,32 +108,6 @@ VUE_BADGE_JS = """
 """
 VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
 SET_SETTING_JS = "([key, value]) => app.ui.settings.setSettingValueAsync(key, value)"
-
-# Title bars the graph hides: a group's title under a node or inside another group (or wider
-# than its group), a node's title under another node. Boxes as the frontend laid them out.
-LAYOUT_JS = """
-() => {
-  const T = LiteGraph.NODE_TITLE_HEIGHT;
-  const ctx = document.createElement("canvas").getContext("2d");
-  const meets = (a, b) => a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3];
-  const holds = (a, b) => a[0] <= b[0] && a[1] <= b[1] && a[0] + a[2] >= b[0] + b[2] && a[1] + a[3] >= b[1] + b[3];
-  const nodes = app.graph.nodes.map((n) => ({ name: n.title, box: [...n.boundingRect], title: [n.pos[0], n.pos[1] - T, n.size[0], T] }));
-  const groups = (app.graph.groups ?? app.graph._groups).map((g) => {
-    const size = g.font_size ?? 24;
-    ctx.font = `${size}px Arial`;
-    return { name: g.title, box: [g.pos[0], g.pos[1], g.size[0], g.size[1]], text: ctx.measureText(g.title).width + size * 0.5,
-             title: [g.pos[0], g.pos[1], g.size[0], g.titleHeight ?? size * 1.4] };
-  });
-  const hits = [];
-  for (const g of groups) {
-    if (g.text > g.box[2]) hits.push(`group "${g.name}": title wider than its group`);
-    for (const n of nodes) if (meets(g.title, n.box)) hits.push(`group "${g.name}": title under node "${n.name}"`);
-    for (const h of groups) if (h !== g && meets(g.title, h.box) && !holds(h.box, g.box)) hits.push(`group "${g.name}": title inside group "${h.name}"`);
-  }
-  for (const n of nodes) for (const m of nodes) if (m !== n && meets(n.title, m.box)) hits.push(`node "${n.name}": title under node "${m.name}"`);
-  return hits;
-}
-"""
 
 # Fit the given nodes (all when none are given), title bars included, into the view.
 FIT_JS = """
@@ -278,6 +253,10 @@ def open_templates(page, pack_folder: str = PACK_LINK_NAME) -> list[str]:
 def show_pack_cards(page, pack_folder: str = PACK_LINK_NAME) -> list[str]:
     """Wait until the dialog shows exactly the pack's cards; return their names in order."""
     page.wait_for_function(PACK_CARDS_SHOWN_JS, arg=pack_folder)
+    return card_names(page)
+
+
+def card_names(page) -> list[str]:
     cards = page.locator('[data-testid^="template-workflow-"]')
     return [testid.removeprefix("template-workflow-") for testid in cards.evaluate_all("(c) => c.map((e) => e.dataset.testid)")]
 
@@ -287,8 +266,7 @@ def search_templates(page, query: str) -> list[str]:
     shown once the list settles (the search runs as one types)."""
     page.locator(DIALOG).locator("input").first.fill(query)
     time.sleep(1.0)
-    cards = page.locator('[data-testid^="template-workflow-"]')
-    return [testid.removeprefix("template-workflow-") for testid in cards.evaluate_all("(c) => c.map((e) => e.dataset.testid)")]
+    return card_names(page)
 
 
 def card_thumbnail_width(page, name: str, timeout_ms: int = 10_000) -> int:
@@ -350,7 +328,7 @@ def check_graph(page, workflow: dict, name: str, console: Console, since: int, s
         raise FrontendCheckError(f"{name}: node types unknown to the frontend: {loaded['unregistered']}")
     if sorted(loaded["types"]) != sorted(node["type"] for node in workflow["nodes"]):
         raise FrontendCheckError(f"{name}: the frontend built {loaded['types']}")
-    collisions = page.evaluate(LAYOUT_JS)
+    collisions = hidden_titles(page)
     if collisions:
         raise FrontendCheckError(f"{name}: titles hidden in the layout:\n" + "\n".join(collisions))
     time.sleep(settle_s)
