@@ -27,6 +27,10 @@ OFFICIAL_PROBABILITIES = (0.7, 0.9)
 class ConsistentAttentionError(ValueError):
     """Bad options or a batch the method cannot serve; the message says what to change."""
 
+    # ComfyUI reports an error's type as module + name, ahead of its message; the module ComfyUI
+    # imports the pack under is its folder's path, which reads as a file path.
+    __module__ = "consistent_story"
+
 
 def parse_block_list(text: str) -> frozenset[tuple[str, int]]:
     """Parse a custom block list such as ``"output 0-2, middle 0, input 7"`` (a UNet) or

@@ -13,6 +13,9 @@ from .dit_patch import KEY_POSITIONS, DiTAttentionPatch
 from .nodes_story import CATEGORY, DEFAULT_IDENTITY_PANELS, StoryType
 
 
+BLOCK_OPTIONS = ("output", "all", "custom", "single-stream", "double-stream")
+
+
 class ConsistentSelfAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -51,7 +54,7 @@ class ConsistentSelfAttention(io.ComfyNode):
                     "With a story the characters decide who reads whom: keep 0.",
                 ),
                 io.Combo.Input(
-                    "blocks", options=["output", "all", "custom", "single-stream", "double-stream"], default="output",
+                    "blocks", options=list(BLOCK_OPTIONS), default="output",
                     tooltip="Where CSA runs. UNet: 'output' = the decoder blocks (as the official app); 'all' = every "
                     "self-attention layer. DiT: 'output' = the family's default: the single-stream blocks on Flux.1, "
                     "Flux.2, Chroma and Chroma Radiance (as CharaConsist), the second half of the blocks on Qwen-Image, "
@@ -134,6 +137,20 @@ class ConsistentSelfAttention(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, blocks=None, custom_blocks=None):
+        """Before anything loads, so that the editor shows the message on this node: the block
+        list (inputs named here skip ComfyUI's own list check, hence blocks is checked too; a
+        linked input arrives as None and is checked when the node runs)."""
+        try:
+            if blocks is not None and blocks not in BLOCK_OPTIONS:
+                raise ConsistentAttentionError(f"blocks must be one of {BLOCK_OPTIONS}, got {blocks!r}.")
+            if blocks == "custom" and custom_blocks is not None:
+                parse_block_list(custom_blocks)
+        except ConsistentAttentionError as error:
+            return str(error)
+        return True
 
     @classmethod
     def execute(cls, model, rate_fine, rate_coarse, window, blocks, custom_blocks, schedule,

@@ -251,6 +251,19 @@ class StoryPrompts(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, story=None, style=None, custom_style=""):
+        """Before anything loads, so that the editor shows the message on this node: the story and
+        its style (inputs named here skip ComfyUI's own list check: parse_story checks the style;
+        a linked input arrives as None and is checked when the node runs)."""
+        if any(value is None for value in (story, style, custom_style)):
+            return True
+        try:
+            parse_story(story, style, custom_style)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, clip, story, style, negative, custom_style="", photomaker=None,
                 photomaker_image=None, panels="", identity_panels=DEFAULT_IDENTITY_PANELS) -> io.NodeOutput:
         if clip is None:

@@ -11,6 +11,8 @@ import re
 class StoryError(ValueError):
     """A story or style the user has to fix; ``line`` is 1-based, None when no line is at fault."""
 
+    __module__ = "consistent_story"  # as ConsistentAttentionError's: the type ComfyUI shows reads as a name
+
     def __init__(self, message: str, line: int | None = None):
         super().__init__(f"Story line {line}: {message}" if line is not None else message)
         self.line = line

@@ -6,6 +6,8 @@
 # - venv: $CONSISTENT_STORY_VENV, default <repo>/.venv
 # - torch: PyPI's default torch + torchvision builds (they also run on a CPU; a CPU-only
 #   torch wheel without a matching torchvision cannot import ComfyUI)
+# - frontend: $CONSISTENT_STORY_FRONTEND, when set, replaces the host's pinned
+#   comfyui-frontend-package with that version
 # - ComfyUI: found by scripts/comfy_host.py; if absent, comfy-cli is tried, and if that cannot
 #   reach the internet the script stops and says where to put a checkout.
 # A second run only checks stamps and takes seconds.
@@ -58,6 +60,16 @@ if [ "$(cat "$venv/.consistent-story-stamp" 2>/dev/null)" != "$stamp" ]; then
   printf '%s\n' "$host_reqs" > "$venv/comfyui-requirements.txt"
   "$py" -m pip install --quiet -r "$venv/comfyui-requirements.txt" -r "$repo/requirements.txt" -r "$repo/tests/requirements.txt"
   echo "$stamp" > "$venv/.consistent-story-stamp"
+fi
+
+# A frontend other than the host's pinned one (.ci/run tests v0.33.0 with the newest frontend
+# that runs on it): CONSISTENT_STORY_FRONTEND=<comfyui-frontend-package version>.
+frontend="${CONSISTENT_STORY_FRONTEND:-}"
+if [ -n "$frontend" ] && ! "$py" -c 'import sys
+from importlib.metadata import version
+sys.exit(0 if version("comfyui-frontend-package") == sys.argv[1] else 1)' "$frontend" 2>/dev/null; then
+  say "installing comfyui-frontend-package==$frontend"
+  "$py" -m pip install --quiet "comfyui-frontend-package==$frontend"
 fi
 
 # ComfyUI 0.8 and newer import torchaudio from core model code. PyPI has no torchaudio for this

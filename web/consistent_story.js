@@ -76,39 +76,31 @@ export function drawnPanels(spec, { panels, shownBy }, identityPanels) {
 // Conditioning may pass through a few nodes (area, combine, ControlNet) before the sampler.
 const MAX_HOPS = 4;
 
-// LiteGraph's link lookup (a method in newer frontends, a table in older ones).
-function linkOf(graph, linkId) {
-  return graph.getLink?.(linkId) ?? graph.links?.[linkId];
-}
-
-function linkedNode(graph, linkId) {
-  const link = linkOf(graph, linkId);
-  return link ? graph.getNodeById(link.origin_id) : null;
-}
-
-function targetNodes(graph, node) {
+// Connectivity through the node's own methods (LiteGraph has had them all along): newer
+// frontends deprecate reading input.link and output.links directly.
+function targetNodes(node) {
   const targets = [];
-  for (const output of node.outputs ?? []) {
-    if (output.type !== "CONDITIONING") continue;
-    for (const linkId of output.links ?? []) {
-      const link = linkOf(graph, linkId);
-      const target = link && graph.getNodeById(link.target_id);
-      if (target) targets.push(target);
-    }
-  }
+  (node.outputs ?? []).forEach((output, slot) => {
+    if (output.type === "CONDITIONING") targets.push(...(node.getOutputNodes?.(slot) ?? []));
+  });
   return targets;
+}
+
+function connected(node, name) {
+  const slot = node.inputs?.findIndex((i) => i.name === name) ?? -1;
+  return slot >= 0 && node.isInputConnected(slot);
 }
 
 // The typed batch_size of the latent a sampler takes (through nodes with one LATENT input),
 // or null when it is wired from elsewhere (e.g. from panel_count) or cannot be read.
-function typedLatentBatch(graph, sampler) {
+function typedLatentBatch(sampler) {
   let node = sampler;
   for (let hop = 0; hop <= MAX_HOPS && node; hop += 1) {
-    const input = node.inputs?.find((i) => i.type === "LATENT" && i.link != null);
-    if (!input) return null;
-    node = linkedNode(graph, input.link);
+    const slot = node.inputs?.findIndex((i, n) => i.type === "LATENT" && node.isInputConnected(n)) ?? -1;
+    if (slot < 0) return null;
+    node = node.getInputNode(slot);
     if (!node) return null;
-    if (node.inputs?.some((i) => i.name === "batch_size" && i.link != null)) return null;
+    if (connected(node, "batch_size")) return null;
     const widget = node.widgets?.find((w) => w.name === "batch_size");
     if (widget) return Number(widget.value);
   }
@@ -116,16 +108,15 @@ function typedLatentBatch(graph, sampler) {
 }
 
 export function latentBatches(storyNode) {
-  const graph = storyNode.graph;
-  if (!graph) return [];
+  if (!storyNode.graph) return [];
   const batches = new Set();
   let frontier = [storyNode];
   for (let hop = 0; hop < MAX_HOPS && frontier.length; hop += 1) {
     const next = [];
     for (const node of frontier) {
-      for (const target of targetNodes(graph, node)) {
+      for (const target of targetNodes(node)) {
         const isSampler = target.inputs?.some((i) => i.name === "latent_image");
-        const batch = isSampler ? typedLatentBatch(graph, target) : null;
+        const batch = isSampler ? typedLatentBatch(target) : null;
         if (batch != null) batches.add(batch);
         if (!isSampler) next.push(target);
       }
@@ -149,29 +140,71 @@ function badgeText({ panels, characters, lonely }, batches, drawn) {
   return [`${p} · ${c}`, ...warnings].join(" · ");
 }
 
+// A badge as LiteGraph draws them above the title bar (node.badges: its LGraphBadge is not
+// exported to extensions, so this one has the same shape). The frontend's Vue nodes show a
+// node's badges by their text.
+class StoryBadge {
+  constructor(text, warn) {
+    this.text = text;
+    this.warn = warn;
+    this.fgColor = "#fff";
+    this.bgColor = warn ? "#a4452c" : "#2f5a78";
+    this.fontSize = 12;
+    this.padding = 6;
+    this.height = 20;
+    this.cornerRadius = 5;
+    this.xOffset = 0;
+    this.yOffset = 0;
+  }
+
+  get visible() {
+    return this.text.length > 0;
+  }
+
+  getWidth(ctx) {
+    ctx.save();
+    ctx.font = `${this.fontSize}px sans-serif`;
+    const width = ctx.measureText(this.text).width;
+    ctx.restore();
+    return width + 2 * this.padding;
+  }
+
+  draw(ctx, x, y) {
+    if (!this.visible) return;
+    const width = this.getWidth(ctx);
+    ctx.save();
+    ctx.fillStyle = this.bgColor;
+    ctx.beginPath();
+    if (ctx.roundRect) ctx.roundRect(x, y, width, this.height, this.cornerRadius);
+    else ctx.rect(x, y, width, this.height);
+    ctx.fill();
+    ctx.font = `${this.fontSize}px sans-serif`;
+    ctx.fillStyle = this.fgColor;
+    ctx.textAlign = "left";
+    ctx.textBaseline = "middle";
+    ctx.fillText(this.text, x + this.padding, y + this.height / 2);
+    ctx.restore();
+  }
+}
+
+export function storyBadge(node) {
+  const story = node.widgets?.find((w) => w.name === "story");
+  if (!story || node.flags?.collapsed) return new StoryBadge("", false);
+  const counts = countStory(story.value);
+  const batches = latentBatches(node);
+  const identity = node.widgets?.find((w) => w.name === "identity_panels");
+  const drawn = drawnPanels(node.widgets?.find((w) => w.name === "panels")?.value, counts, Number(identity?.value ?? 2));
+  const expected = drawn?.count ?? counts.panels;
+  const warn = counts.lonely.length > 0 || Boolean(drawn?.error) || batches.some((b) => b !== expected);
+  return new StoryBadge(badgeText(counts, batches, drawn), warn);
+}
+
 app.registerExtension({
   name: "ConsistentStory.PanelCount",
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_ID) return;
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      onDrawForeground?.apply(this, arguments);
-      if (this.flags?.collapsed) return;
-      const story = this.widgets?.find((w) => w.name === "story");
-      if (!story) return;
-      const counts = countStory(story.value);
-      const batches = latentBatches(this);
-      const identity = this.widgets?.find((w) => w.name === "identity_panels");
-      const drawn = drawnPanels(this.widgets?.find((w) => w.name === "panels")?.value, counts, Number(identity?.value ?? 2));
-      const text = badgeText(counts, batches, drawn);
-      const expected = drawn?.count ?? counts.panels;
-      const warn = counts.lonely.length || drawn?.error || batches.some((b) => b !== expected);
-      ctx.save();
-      ctx.font = "12px sans-serif";
-      ctx.fillStyle = warn ? "#e96" : "#9ad";
-      ctx.textAlign = "right";
-      ctx.fillText(text, this.size[0] - 8, -8);
-      ctx.restore();
-    };
+  nodeCreated(node) {
+    if (node.comfyClass !== NODE_ID && node.type !== NODE_ID) return;
+    const badge = () => storyBadge(node);
+    badge.consistentStory = true;
+    node.badges = [...(node.badges ?? []), badge];
   },
 });

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from harness.browser import (
-    REDRAW_S, TEMPLATE_CARD, card_thumbnail_width, check_badge, check_graph, fit_view, load_template, open_templates,
+    BADGE_JS, close_dialogs, REDRAW_S, SET_SETTING_JS, STORY_NODE, TEMPLATE_CARD, VUE_NODES_SETTING, card_thumbnail_width, check_badge,
+    check_graph, check_vue_badge, fit_view, load_template, open_templates, search_templates, show_pack_cards,
 )
 from harness.server import PACK_LINK_NAME
 from harness.workflow import (
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.browser]
 QUEUED = "Comic page (SD1.5)"
 SIZE, STEPS = 32, 1  # small: this run is about the round trip through the page, not the pictures
 ZOOM = 0.95
+VUE_NODES_SINCE = (1, 30)  # the first frontends with a Vue nodes mode are newer than 1.27
 QUEUE_BUTTON = '[data-testid="queue-button"]'
 
 # Set widget values by node id and widget name; return those that changed.
@@ -87,6 +89,22 @@ def test_template_browser_lists_every_workflow_with_its_thumbnail(frontend, comf
     page.wait_for_timeout(REDRAW_S * 1000)
     shoot(page, shots_dir, "template_browser", browser_report)
     assert console.load_errors(since) == []
+
+
+def test_template_search_finds_the_packs_workflows(frontend):
+    """The search box finds the pack's comic workflows by their names, in its folder and in
+    the whole browser."""
+    page, console = frontend
+    names = open_templates(page)
+    comics = sorted(name for name in names if "comic" in name.lower())
+    assert comics, names
+    assert sorted(search_templates(page, "comic")) == comics
+    page.keyboard.press("Escape")
+    close_dialogs(page)
+    page.get_by_role("button", name="Templates", exact=True).click()
+    found = search_templates(page, "comic page")
+    assert set(comics) <= set(found), found
+    assert console.pack_errors() == []
 
 
 def provide_input_pictures(workflow: dict, comfy_server) -> None:
@@ -159,7 +177,7 @@ TYPE_BATCH_JS = """
 (batch) => {
   const latent = app.graph.nodes.find((n) => n.type === "EmptyLatentImage");
   const slot = latent.inputs.findIndex((i) => i.name === "batch_size");
-  if (slot >= 0 && latent.inputs[slot].link != null) latent.disconnectInput(slot);
+  if (slot >= 0 && latent.isInputConnected(slot)) latent.disconnectInput(slot);
   latent.widgets.find((w) => w.name === "batch_size").value = batch;
   app.graph.setDirtyCanvas(true, true);
 }
@@ -182,4 +200,60 @@ def test_badge_warns_when_the_latent_batch_is_not_the_panel_count(frontend):
     assert f"latent batch_size {panels - 3} ≠ {panels} panels: connect panel_count" in badge()
     page.evaluate(TYPE_BATCH_JS, panels)
     assert "latent batch_size" not in badge()
+    assert console.pack_errors() == []
+
+
+def test_badge_shows_in_vue_nodes_mode(frontend):
+    """With the frontend's Vue nodes on (a DOM node per graph node, no canvas drawing of nodes),
+    the badge is still on Story Prompts, clear of its title, and follows the graph."""
+    page, console = frontend
+    open_templates(page)
+    load_template(page, QUEUED)
+    text = check_badge(page, QUEUED)
+    node_id = page.evaluate(BADGE_JS, [STORY_NODE, "/"])["id"]
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    if tuple(int(part) for part in version.split(".")[:2]) < VUE_NODES_SINCE:
+        return  # frontend 1.27 has no Vue nodes mode: the canvas badge above is all it shows
+    page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, True])
+    try:
+        fit_view(page, 0.8, [node_id], settle_s=REDRAW_S)
+        check_vue_badge(page, node_id, text)
+        panels = int(text.split(" panels")[0])
+        page.evaluate(TYPE_BATCH_JS, panels - 3)
+        check_vue_badge(page, node_id, check_badge(page, QUEUED))
+    finally:
+        page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, False])
+    assert console.pack_errors() == []
+
+
+SHOWS_ANY_JS = "(texts) => texts.some((text) => document.body.innerText.includes(text))"
+SEE_ERRORS = '[data-testid="error-overlay-see-errors"]'
+SHOWN_OR_SUMMED_JS = "([text, button]) => document.body.innerText.includes(text) || !!document.querySelector(button)"
+
+
+def test_a_bad_option_is_shown_with_its_node_when_run_is_pressed(frontend, comfy_server, server_checkpoint):
+    """ComfyUI's validation refuses the prompt (the node's validate_inputs) before anything loads;
+    the frontend marks the node and shows the pack's message itself. Last in the file: 1.58 leaves
+    its issues panel open beside the canvas."""
+    page, console = frontend
+    workflow = load_workflow(WORKFLOW_DIR / f"{QUEUED}.json")
+    open_templates(page)
+    load_template(page, QUEUED)
+    prompt, values = small_prompt_values(workflow, comfy_server, server_checkpoint)
+    attention_id = next(iter(nodes_of_type(prompt, "ConsistentStorySelfAttention")))
+    values[attention_id].update(blocks="custom", custom_blocks="outptu 0-2")
+    page.evaluate(SET_WIDGETS_JS, values)
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        page.locator(QUEUE_BUTTON).click()
+    refused = posted.value.json()["node_errors"]
+    assert list(refused) == [attention_id], refused  # one node marked, the rest of the graph fine
+    message = "custom_blocks: cannot read 'outptu 0-2'"
+    assert message in refused[attention_id]["errors"][0]["details"]
+    # 1.27 shows the message in its error dialog; 1.58 sums the errors up ("N issues found") and
+    # one click lists them by node and input, the message behind each entry's info button.
+    page.wait_for_function(SHOWN_OR_SUMMED_JS, arg=[message, SEE_ERRORS])
+    if not page.evaluate(SHOWS_ANY_JS, [message]):
+        page.locator(SEE_ERRORS).first.click()
+        page.wait_for_function(SHOWS_ANY_JS, arg=[message, "Consistent Self-Attention - custom_blocks"])
+    assert page.evaluate("(id) => !!app.lastNodeErrors?.[id]", attention_id)
     assert console.pack_errors() == []

@@ -4,7 +4,8 @@ Debian's Chromium (``/usr/bin/chromium``, or ``$CONSISTENT_STORY_CHROMIUM``) is 
 Playwright's Python package; Playwright's own browser download is never used. Both come from
 ``scripts/setup_browser.sh``. The page talks to a server from tests/harness/server.py (loopback
 only); the helpers below open the app, open the template browser, check a loaded graph (node
-types registered, no dialog, no console error, the Story Prompts badge) and fit it to the view.
+types registered, no title hidden by a node or group, no dialog, no console error, the Story
+Prompts badge) and fit it to the view.
 
 The badge is drawn on the canvas, not in the DOM: ``BADGE_JS`` draws the node once into a spare
 canvas and keeps the strings its extension writes, and its leading "N panels · M characters" is
@@ -17,6 +18,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from harness.layout_checks import hidden_titles
 from harness.pack import load_pack
 from harness.server import PACK_LINK_NAME
 
@@ -47,6 +49,7 @@ STORY_NODE = "ConsistentStoryPrompts"
 PACK_MARKERS = (f"/{PACK_LINK_NAME}/", "consistent_story", "ConsistentStory")
 READY_TIMEOUT_MS = 120_000
 SETTLE_S = 1.5  # after the app appears: first-run panels, restoring the last workflow
+BADGE_FONT_PX = 12
 REDRAW_S = 0.3  # a few animation frames: Vue renders a dialog, the canvas redraws
 
 READY_JS = "() => !!(window.app && window.app.canvas && window.LiteGraph && window.comfyAPI)"
@@ -59,19 +62,52 @@ GRAPH_JS = """
 })
 """
 
+# The pack's badge (a function in node.badges, marked consistentStory) drawn by LiteGraph into a
+# spare canvas, with where each string lands (y in node coordinates: the title bar spans
+# -NODE_TITLE_HEIGHT..0). Deprecation warnings raised while the pack's code runs are collected
+# whatever came first (LiteGraph warns once per message unless alwaysRepeatWarnings): a warning
+# is the pack's when the pack's script is on its stack.
 BADGE_JS = """
-(nodeType) => {
+([nodeType, packPath]) => {
   const node = app.graph.nodes.find((n) => n.type === nodeType);
   if (!node) return { error: `no ${nodeType} node in the graph` };
+  const badge = (node.badges ?? []).find((b) => b.consistentStory);
+  if (!badge) return { error: `the ${nodeType} node has no Consistent Story badge` };
+  const lg = window.LiteGraph;
+  const deprecations = [];
+  const hook = (message) => { if ((new Error().stack ?? "").includes(packPath)) deprecations.push(message); };
+  const repeat = lg.alwaysRepeatWarnings;
+  lg.onDeprecationWarning?.push(hook);
+  lg.alwaysRepeatWarnings = true;
   const ctx = document.createElement("canvas").getContext("2d");
-  const texts = [];
+  const drawn = [];
   const fillText = ctx.fillText.bind(ctx);
-  ctx.fillText = (text, ...rest) => { texts.push(String(text)); fillText(text, ...rest); };
-  node.onDrawForeground?.(ctx, app.canvas, app.canvas.canvas);
+  ctx.fillText = (text, x, y, ...rest) => { drawn.push({ text: String(text), y }); fillText(text, x, y, ...rest); };
+  let text;
+  try {
+    node.drawBadges(ctx);
+    text = badge().text;
+  } finally {
+    lg.onDeprecationWarning?.splice(lg.onDeprecationWarning.indexOf(hook), 1);
+    lg.alwaysRepeatWarnings = repeat;
+  }
   const story = node.widgets?.find((w) => w.name === "story");
-  return { texts, story: story?.value ?? null };
+  return { id: node.id, text, drawn, titleHeight: lg.NODE_TITLE_HEIGHT, deprecations, story: story?.value ?? null };
 }
 """
+# A Vue-rendered node (the frontend's "Vue nodes" mode): where the badge's text and the title sit.
+VUE_BADGE_JS = """
+([id, text]) => {
+  const root = document.querySelector(`[data-node-id="${id}"]`);
+  if (!root) return null;
+  const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const badge = [...root.querySelectorAll("*")].find((e) => e.childElementCount === 0 && e.textContent.trim() === text);
+  const title = root.querySelector('[data-testid="node-title"] span') ?? root.querySelector('[data-testid="node-title"]');
+  return { badge: badge ? box(badge) : null, title: title ? box(title) : null };
+}
+"""
+VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
+SET_SETTING_JS = "([key, value]) => app.ui.settings.setSettingValueAsync(key, value)"
 
 # Fit the given nodes (all when none are given), title bars included, into the view.
 FIT_JS = """
@@ -88,7 +124,7 @@ FIT_JS = """
 
 OPEN_DIALOGS_JS = """
 () => [...document.querySelectorAll('.p-dialog, [role="dialog"]')]
-  .filter((d) => d.offsetParent !== null)
+  .filter((d) => d.getClientRects().length > 0)  // shown (offsetParent is null for a fixed dialog)
   .map((d) => (d.querySelector('.comfy-missing-nodes') ? 'MISSING NODES: ' : '') + d.innerText.trim().slice(0, 300))
 """
 
@@ -97,6 +133,17 @@ OPEN_DIALOGS_JS = """
 TEMPLATES_BUTTON = "Templates"
 TEMPLATES_DIALOG = '[data-testid="template-workflows-content"]'
 TEMPLATE_CARD = '[data-testid="template-workflow-{name}"]'
+DIALOG = '[role="dialog"]'
+# The pack's folder lists the server's templates for it, and only those (in any order).
+PACK_CARDS_SHOWN_JS = """
+async (pack) => {
+  window.__packTemplates ??= (await (await fetch("api/workflow_templates")).json())[pack] ?? [];
+  const shown = [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+    .map((e) => e.dataset.testid.replace("template-workflow-", ""));
+  const want = window.__packTemplates;
+  return shown.length === want.length && shown.every((name) => want.includes(name));
+}
+"""
 # Count the frontend's completed graph loads (app.loadGraphData, which the template browser calls
 # after closing its dialog and which shows the missing-nodes dialog last); return the count so far.
 COUNT_LOADS_JS = """
@@ -190,15 +237,36 @@ def open_app(page, url: str, console: Console) -> None:
 # The template browser
 # ----------------------------------------------------------------------------------------------
 def open_templates(page, pack_folder: str = PACK_LINK_NAME) -> list[str]:
-    """Open the template browser on the pack's category; return the workflow names of its cards."""
+    """Open the template browser on the pack's category; return the workflow names of its cards.
+    Frontend 1.27 lists the category as an option of a list box, newer ones as an item under
+    EXTENSIONS in a side navigation; the cards are the pack's once they are the server's list."""
     page.get_by_role("button", name=TEMPLATES_BUTTON, exact=True).click()
     page.wait_for_selector(TEMPLATES_DIALOG)
-    page.get_by_role("option", name=pack_folder, exact=True).click()
-    # The category's title heads its cards: wait for it, not for the first category's cards.
-    page.locator(TEMPLATES_DIALOG).get_by_role("heading", name=pack_folder, exact=True).wait_for()
+    option = page.get_by_role("option", name=pack_folder, exact=True)
+    if option.count():
+        option.click()
+    else:
+        page.locator(DIALOG).get_by_text(pack_folder, exact=True).first.click()
+    return show_pack_cards(page, pack_folder)
+
+
+def show_pack_cards(page, pack_folder: str = PACK_LINK_NAME) -> list[str]:
+    """Wait until the dialog shows exactly the pack's cards; return their names in order."""
+    page.wait_for_function(PACK_CARDS_SHOWN_JS, arg=pack_folder)
+    return card_names(page)
+
+
+def card_names(page) -> list[str]:
     cards = page.locator('[data-testid^="template-workflow-"]')
-    cards.first.wait_for()
     return [testid.removeprefix("template-workflow-") for testid in cards.evaluate_all("(c) => c.map((e) => e.dataset.testid)")]
+
+
+def search_templates(page, query: str) -> list[str]:
+    """Type ``query`` into the template browser's search box; return the names of the cards
+    shown once the list settles (the search runs as one types)."""
+    page.locator(DIALOG).locator("input").first.fill(query)
+    time.sleep(1.0)
+    return card_names(page)
 
 
 def card_thumbnail_width(page, name: str, timeout_ms: int = 10_000) -> int:
@@ -260,6 +328,9 @@ def check_graph(page, workflow: dict, name: str, console: Console, since: int, s
         raise FrontendCheckError(f"{name}: node types unknown to the frontend: {loaded['unregistered']}")
     if sorted(loaded["types"]) != sorted(node["type"] for node in workflow["nodes"]):
         raise FrontendCheckError(f"{name}: the frontend built {loaded['types']}")
+    collisions = hidden_titles(page)
+    if collisions:
+        raise FrontendCheckError(f"{name}: titles hidden in the layout:\n" + "\n".join(collisions))
     time.sleep(settle_s)
     dialogs = page.evaluate(OPEN_DIALOGS_JS)
     if dialogs:
@@ -272,15 +343,40 @@ def check_graph(page, workflow: dict, name: str, console: Console, since: int, s
 
 
 def check_badge(page, name: str) -> str:
-    """The badge text the extension draws on Story Prompts; raises unless its counts are the parser's."""
-    badge = page.evaluate(BADGE_JS, STORY_NODE)
+    """The badge text the extension gives Story Prompts; raises unless its counts are the
+    parser's, LiteGraph draws it above the title bar (never over the title) and the pack's code
+    raised no deprecation warning while it ran."""
+    badge = page.evaluate(BADGE_JS, [STORY_NODE, f"/{PACK_LINK_NAME}/"])
     if "error" in badge:
         raise FrontendCheckError(f"{name}: {badge['error']}")
-    counts = story_counts(badge["story"])
-    drawn = [text for text in badge["texts"] if text == counts or text.startswith(counts + " · ")]
+    if badge["deprecations"]:
+        raise FrontendCheckError(f"{name}: the pack's badge uses deprecated frontend APIs: {badge['deprecations']}")
+    counts, text = story_counts(badge["story"]), badge["text"]
+    if not (text == counts or text.startswith(counts + " · ")):
+        raise FrontendCheckError(f"{name}: badge reads {text!r}, expected {counts!r} first")
+    drawn = [entry["y"] for entry in badge["drawn"] if entry["text"] == text]
     if not drawn:
-        raise FrontendCheckError(f"{name}: badge drew {badge['texts']}, expected {counts!r} first")
-    return drawn[0]
+        raise FrontendCheckError(f"{name}: the badge {text!r} is not drawn; the node drew {badge['drawn']}")
+    if max(drawn) > -badge["titleHeight"] - BADGE_FONT_PX / 2:
+        raise FrontendCheckError(f"{name}: the badge is drawn at y={max(drawn)}, over the title bar")
+    return text
+
+
+def check_vue_badge(page, node_id, text: str, timeout_s: float = 10) -> dict:
+    """The badge's text shown in the Vue-rendered node ``node_id``, clear of its title; returns
+    the boxes (page pixels) of both."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        boxes = page.evaluate(VUE_BADGE_JS, [node_id, text])
+        if boxes and boxes["badge"] and boxes["title"]:
+            break
+        if time.monotonic() > deadline:
+            raise FrontendCheckError(f"Vue nodes: node {node_id} shows no badge {text!r} (found {boxes})")
+        time.sleep(0.2)
+    (bx0, by0, bx1, by1), (tx0, ty0, tx1, ty1) = boxes["badge"], boxes["title"]
+    if bx0 < tx1 and tx0 < bx1 and by0 < ty1 and ty0 < by1:
+        raise FrontendCheckError(f"Vue nodes: the badge {boxes['badge']} overlaps the title {boxes['title']}")
+    return boxes
 
 
 def fit_view(page, zoom: float, node_ids: list[int] = (), settle_s: float = SETTLE_S) -> float:
