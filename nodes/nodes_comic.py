@@ -5,6 +5,7 @@ from .comic_layout import (
     CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, check_captions_fit, check_width_fits, compose_pages,
     parse_color,
 )
+from .input_limits import out_of_limits
 from .nodes_story import CATEGORY, StoryType
 from .story_panels import panel_folder, save_panels, whole_story
 
@@ -106,14 +107,20 @@ class ComicPage(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, layout=None, columns=None, seed=0, reading_order=None, page_width=None,
                         panels_per_page=0, gutter=None, margin=None, caption_font_size=0, background_color=None,
-                        captions=None, **linked):
+                        captions=None):
         """Before anything is sampled: the page settings that are widgets (a linked input arrives as
-        None: linked captions are checked in check_lazy_status, still before sampling)."""
+        None: linked captions are checked in check_lazy_status, still before sampling). ComfyUI
+        leaves the limits of the inputs named here to this check (``out_of_limits``)."""
+        named = dict(layout=layout, columns=columns, seed=seed, reading_order=reading_order, page_width=page_width,
+                     panels_per_page=panels_per_page, gutter=gutter, margin=margin,
+                     caption_font_size=caption_font_size)
         try:
             if background_color is not None:
                 parse_color(background_color)
             if caption_font_size is not None and caption_font_size < 0:
                 raise ValueError(f"caption_font_size is {caption_font_size}: use 0 for automatic or a size in pixels.")
+            if (error := out_of_limits(cls, named)) is not None:
+                raise ValueError(error)
             values = (layout, columns, seed, reading_order, page_width, panels_per_page, gutter, margin)
             if all(value is not None for value in values):
                 check_width_fits(LayoutOptions(*values))

@@ -90,6 +90,9 @@ def test_graph_with_wired_captions_runs_in_comfyui(graph_runner):
     ({"background_color": "#12"}, "background_color '#12' is not a hex colour"),
     ({"page_width": 100, "margin": 40}, "The page does not fit"),
     ({"caption_font_size": -1}, "caption_font_size is -1"),
+    # ComfyUI leaves the limits of the inputs validate_inputs names to the node: they still hold.
+    ({"gutter": 2000}, "gutter is 2000, more than its maximum 1024"),
+    ({"columns": 0}, "columns is 0, less than its minimum 1"),
 ])
 def test_bad_page_settings_are_refused_before_anything_runs(graph_runner, settings, message):
     """ComfyUI's validation (the node's validate_inputs) names the input, before sampling would start."""
