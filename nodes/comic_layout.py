@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .wiring import BATCH_WIRING
+
 GRID = "grid"
 CLASSIC = "classic comic"
 FOUR_PANEL = "four-panel strip"
@@ -230,9 +232,8 @@ def parse_captions(text: str, panel_count: int) -> list[str]:
         raise ValueError(
             f"captions has {len(lines)} lines but images has only {panel_count} panels. If the captions "
             f"come from Story Prompts, the story has {len(lines)} panels and the sampler made "
-            f"{panel_count} images: connect Story Prompts' panel_count to the latent's batch_size "
-            f"(EmptyLatentImage), or add Consistent Self-Attention, which stops such a run before "
-            f"sampling. Typed captions: give at most one line per panel (an empty line for a panel "
+            f"{panel_count} images. {BATCH_WIRING} (Consistent Self-Attention stops such a run before "
+            f"sampling.) Typed captions: give at most one line per panel (an empty line for a panel "
             f"without caption)."
         )
     return lines + [""] * (panel_count - len(lines))

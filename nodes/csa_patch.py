@@ -29,6 +29,7 @@ from ..attention import (
 )
 from .references import check_references
 from .story_calls import run_story_call
+from .wiring import BATCH_WIRING
 
 STATE_KEY = "consistent_story.csa"
 WRAPPER_KEY = "consistent_story.csa"
@@ -115,9 +116,7 @@ def check_panel_batch(executor, noise, *args, story_panels: int | None = None, *
     latents = noise.shape[0]
     if story_panels is not None and story_panels != latents:
         raise ConsistentAttentionError(
-            f"The story has {story_panels} panels but the latent batch has {latents} images. Wire Story Prompts' "
-            "panel_count into the latent's batch_size (Empty Latent Image), and its story output into this "
-            "Consistent Self-Attention node, from the same Story Prompts node."
+            f"The story has {story_panels} panels but the latent batch has {latents} images. {BATCH_WIRING}"
         )
     for name, conds in (getattr(executor.class_obj, "conds", None) or {}).items():
         for cond in conds:
@@ -125,8 +124,7 @@ def check_panel_batch(executor, noise, *args, story_panels: int | None = None, *
             if prompts not in (1, latents):
                 raise ConsistentAttentionError(
                     f"The {name} conditioning holds {prompts} prompts (one per panel) but the latent batch has "
-                    f"{latents} images. Wire Story Prompts' panel_count into the latent's batch_size (Empty Latent "
-                    "Image), so every panel gets its own latent."
+                    f"{latents} images. {BATCH_WIRING}"
                 )
     return executor(noise, *args, **kwargs)
 

@@ -16,6 +16,7 @@ import torch
 
 from ..attention import ConsistentAttentionError, index_tensor, panels_per_chunk, take_rows
 from .references import check_references, reference_inputs
+from .wiring import BATCH_WIRING
 
 
 def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, control, options: dict, **kwargs):
@@ -25,9 +26,7 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
     cast = patch.cast
     if panels != len(cast.batch):
         raise ConsistentAttentionError(
-            f"The model was called with {panels} panels for a story of {len(cast.batch)}. Wire Story Prompts' "
-            "panel_count into the latent's batch_size and its story into Consistent Self-Attention, from the same "
-            "Story Prompts node."
+            f"The model was called with {panels} panels for a story of {len(cast.batch)}. {BATCH_WIRING}"
         )
     if patch.references:
         check_references(patch.references, executor.class_obj, tuple(x.shape[-2:]))
