@@ -5,7 +5,9 @@ and runs the copies' model calls on a thread pool; the copies share CSA's patch 
 itself from ``__deepcopy__``). So the patch must keep nothing of a call on itself: every call's
 state lives in its own copy of ``transformer_options``. Here two samplers run through clones of one
 patched model (the same patch object, the same diffusion model) on two threads, one story with a
-different seed in each; each result must equal its run alone, bit for bit.
+different noise in each; each result must equal its run alone, bit for bit. The noise is drawn
+before the threads start, as ComfyUI's multi-GPU pool gets it: ComfyUI seeds torch's global
+generator to draw it (``comfy.sample.prepare_noise``), which two threads cannot share.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import threading
 import pytest
 import torch
 
-from test_story_attention import STORY, patch, sample, story_inputs
+from test_story_attention import SIZE, STORY, patch, story_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +28,15 @@ def test_one_patched_model_on_two_threads_equals_each_run_alone(comfy, loaded):
     clones = [patched.clone(), patched.clone()]  # as ComfyUI's per-device copies: one patch, one diffusion model
     assert clones[0].model is clones[1].model
 
+    import comfy.sample
+
+    latent = torch.zeros(panels, 4, SIZE // 8, SIZE // 8)
+    noises = [comfy.sample.prepare_noise(latent, 3 + slot) for slot in range(2)]
+
     def run(slot):
-        return sample(comfy, clones[slot], positive, negative, panels, steps=2, seed=3 + slot)
+        with torch.inference_mode():
+            return comfy.sample.sample(clones[slot], noises[slot], 2, 5.0, "euler", "normal", positive, negative,
+                                       latent, disable_pbar=True, seed=3 + slot)
 
     alone = [run(slot) for slot in range(2)]
     together: list = [None, None]
@@ -48,5 +57,7 @@ def test_one_patched_model_on_two_threads_equals_each_run_alone(comfy, loaded):
     for slot in range(2):
         assert torch.equal(together[slot], alone[slot]), f"sampler {slot} changed when the other ran beside it"
     assert not torch.equal(alone[0], alone[1]), "the two samplers must draw different pictures (other seeds)"
-    vanilla = sample(comfy, model, positive, negative, panels, steps=2, seed=3)
+    with torch.inference_mode():
+        vanilla = comfy.sample.sample(model, noises[0], 2, 5.0, "euler", "normal", positive, negative, latent,
+                                      disable_pbar=True, seed=3)
     assert not torch.equal(alone[0], vanilla), "CSA must change the story"
