@@ -33,8 +33,7 @@ _NAME = re.compile(r"[\w \-]+")
 
 def panel_keys(story) -> list[str]:
     """One key per panel of the whole story (see the module's docstring)."""
-    index = {character.name: i for i, character in enumerate(story.characters)}
-    characters = [tuple(index[name] for name in panel.characters) for panel in story.panels]
+    characters = story.panel_characters
     count = story.identity_count or 2
     keys = []
     for panel in story.panels:

@@ -152,6 +152,12 @@ class Story:
     def partial(self) -> bool:
         return self.drawn is not None
 
+    @property
+    def panel_characters(self) -> tuple[tuple[int, ...], ...]:
+        """Per panel, the indices (into ``characters``) of the characters it names, in order."""
+        index = {character.name: i for i, character in enumerate(self.characters)}
+        return tuple(tuple(index[name] for name in panel.characters) for panel in self.panels)
+
     def select(self, spec: str, identity_panels: int) -> "Story":
         """The story drawn in part: the panels ``spec`` names (see ``parse_panel_selection``) and the
         first ``identity_panels`` solo panels of every character they name; ``spec`` "" = the whole story."""
@@ -160,8 +166,7 @@ class Story:
         selected = parse_panel_selection(spec, len(self.panels))
         if selected is None:
             return replace(self, drawn=None, selected=None, identity_count=identity_panels)
-        index = {character.name: i for i, character in enumerate(self.characters)}
-        panel_characters = [tuple(index[name] for name in panel.characters) for panel in self.panels]
+        panel_characters = self.panel_characters
         named = {c for panel in selected for c in panel_characters[panel]}
         drawn = set(selected).union(*(solo_panels(panel_characters, c, identity_panels) for c in named))
         return replace(self, drawn=tuple(sorted(drawn)), selected=selected, identity_count=identity_panels)
@@ -185,10 +190,8 @@ class Story:
         """Who reads whom: each character's first ``identity_panels`` single-character panels are
         its identity panels (a character never alone is an error naming it), or its reference
         images when it has some."""
-        index = {character.name: i for i, character in enumerate(self.characters)}
-        panel_characters = [tuple(index[name] for name in panel.characters) for panel in self.panels]
         counts = {ref.name: ref.count for ref in self.references}
-        return StoryCast.from_panels([c.name for c in self.characters], panel_characters, identity_panels,
+        return StoryCast.from_panels([c.name for c in self.characters], self.panel_characters, identity_panels,
                                      [counts.get(c.name, 0) for c in self.characters], self.drawn)
 
     def with_reference(self, reference) -> "Story":

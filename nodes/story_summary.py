@@ -14,8 +14,7 @@ from .story_prompts import Story
 
 def story_summary(story: Story, identity_panels: int) -> str:
     names = [character.name for character in story.characters]
-    index = {name: i for i, name in enumerate(names)}
-    panel_characters = [tuple(index[name] for name in panel.characters) for panel in story.panels]
+    panel_characters = story.panel_characters
     identity = [solo_panels(panel_characters, c, identity_panels) for c in range(len(names))]
 
     def numbers(panels) -> str:
