@@ -10,7 +10,7 @@ from .config import OFFICIAL_SWITCH, OFFICIAL_WARMUP, PERCENT_OF, ConsistentAtte
 from .kernels import KERNELS, KernelChoice
 from .layers import downsample_factor
 from .planner import CallPlanner, layer_seed, panels_per_chunk
-from .rows import index_tensor, take_rows
+from .rows import index_tensor, move_to, take_rows
 from .schedule import SigmaMarks, Step, layer_active, locate_step, mix_seed, step_in_range
 from .story_attention import StoryCall
 from .token_layout import RoPE, TokenLayout, dit_layout, extend_mask, patch_grid, rope_shift
@@ -41,6 +41,7 @@ __all__ = [
     "layer_seed",
     "locate_step",
     "mix_seed",
+    "move_to",
     "neighbour_table",
     "panels_per_chunk",
     "parse_block_list",

@@ -45,3 +45,14 @@ def take_rows(value, index: torch.Tensor, rows: int, name: str):
         f"Consistent Self-Attention cannot split the model input '{name}' ({type(value).__name__}) by panel. "
         "Set panels_per_call to 0 with enough memory for every panel at once, or remove the node that adds it."
     )
+
+
+def move_to(value, device):
+    """``value`` with every tensor in it (nested in lists, tuples and dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_to(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: move_to(item, device) for key, item in value.items()}
+    return value

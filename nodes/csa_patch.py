@@ -29,6 +29,7 @@ from ..attention import (
 )
 from .references import check_references
 from .story_calls import run_story_call
+from .story_devices import CALC_COND_BATCH, offer_spare_devices
 from .wiring import BATCH_WIRING
 
 STATE_KEY = "consistent_story.csa"
@@ -176,6 +177,7 @@ class ConsistentAttentionPatch:
         model.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY, self.check_batch)
         if self.cast is not None:
             model.add_wrapper_with_key(PREPARE_SAMPLING, WRAPPER_KEY, self.size_model_load)
+            model.add_wrapper_with_key(CALC_COND_BATCH, WRAPPER_KEY, offer_spare_devices)
 
     def mark_layers(self, model) -> None:
         """Have each self-attention layer name itself before its attention call: an attn1 patch."""

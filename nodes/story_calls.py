@@ -9,14 +9,38 @@ other panel reads them, then the other panels, ``panels_per_call`` at a time. A 
 dropped before the next chunk starts. Each model input with a row per batch row (latents,
 timesteps, prompts, ControlNet residuals, extra conds) is cut to the sub-call's rows,
 ``cond_or_uncond`` and ``uuids`` to its chunk, and the outputs go back in ComfyUI's row order.
+
+Under ComfyUI's multi-GPU sampling, devices the step leaves idle (``story_devices.py``) each take
+a share of the other panels' sub-calls, after their own run of the identity sub-calls (identity
+panels never depend on the other panels, so each device's bank is the same); the identity panels'
+outputs are the call's own device's.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..attention import ConsistentAttentionError, index_tensor, panels_per_chunk, take_rows
+from ..attention import ConsistentAttentionError, index_tensor, move_to, panels_per_chunk, take_rows
 from .references import check_references, reference_inputs
+from .story_devices import StoryDevices
 from .wiring import BATCH_WIRING
+
+
+@dataclass(frozen=True)
+class SubCall:
+    """One sub-call of a chunk: its panels, its rows of the model call, its inputs and options."""
+
+    panels: tuple[int, ...]
+    index: torch.Tensor  # rows of the model call (CPU)
+    args: tuple  # x, timestep, c_concat, c_crossattn, control
+    kwargs: dict
+    sigmas: torch.Tensor | None  # one per panel, when the call has them
+    kept: bool  # its output is the call's (an identity sub-call repeated on another device is not)
+
+    def to(self, device) -> "SubCall":
+        return SubCall(self.panels, self.index, move_to(self.args, device), move_to(self.kwargs, device),
+                       move_to(self.sigmas, device), self.kept)
 
 
 def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, control, options: dict, **kwargs):
@@ -30,7 +54,11 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
         )
     if patch.references:
         check_references(patch.references, executor.class_obj, tuple(x.shape[-2:]))
+    devices = StoryDevices.of(options, x)
     per_call = patch.panels_per_call or rows_that_fit(executor.class_obj, x)
+    if devices is not None:  # at least one sub-call of other panels per device
+        others = len([panel for panel in cast.batch if cast.slot_of(panel) is None])
+        per_call = min(per_call, max(1, -(-others // len(devices.devices))))
     if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
         story = patch.story_call(planner, chunks, 0, panels, keep_bank=bool(patch.references))
         run_reference_rows(patch, planner, story, executor, x, t, options, range(chunks))
@@ -38,35 +66,77 @@ def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, contro
         return patch.run(executor, x, t, c_concat, c_crossattn, control, options=options, **kwargs)
 
     refuse_single_call_recorders(options, rows)
-    uuids = options.get("uuids")
+    call_args = (x, t, c_concat, c_crossattn, control)
     position = {panel: row for row, panel in enumerate(cast.batch)}
+
+    def sub_call(chunk: int, subset: tuple[int, ...], kept: bool = True) -> SubCall:
+        positions = [position[panel] for panel in subset]  # rows of the chunk (a part of a story: fewer)
+        index = index_tensor([chunk * panels + row for row in positions], "cpu")
+        names = ("x", "timestep", "c_concat", "c_crossattn", "control")
+        args = tuple(take_rows(value, index, rows, name) for value, name in zip(call_args, names))
+        sub_kwargs = {name: take_rows(value, index, rows, name) for name, value in kwargs.items()}
+        sigmas = options.get("sigmas")  # one sigma per panel (ComfyUI's per-chunk timestep)
+        if sigmas is not None:
+            sigmas = take_rows(sigmas, index_tensor(positions, "cpu"), panels, "sigmas")
+        return SubCall(subset, index, args, sub_kwargs, sigmas, kept)
+
     out = None
+
+    def keep(index: torch.Tensor, result: torch.Tensor) -> None:
+        nonlocal out
+        if out is None:
+            out = result.new_empty((rows,) + tuple(result.shape[1:]))
+        out.index_copy_(0, index.to(out.device, non_blocking=True), result.to(out.device))
+
     for chunk in range(chunks):
-        story = patch.story_call(planner, 1, chunk, panels)  # this chunk's identity bank
-        run_reference_rows(patch, planner, story, executor, x, t, options, range(chunk, chunk + 1))
-        for subset in cast.call_plan(per_call):
-            positions = [position[panel] for panel in subset]  # rows of the chunk (a part of a story: fewer)
-            index = index_tensor([chunk * panels + row for row in positions], "cpu")
-
-            def take(value, name):
-                return take_rows(value, index, rows, name)
-
-            sub_kwargs = {name: take(value, name) for name, value in kwargs.items()}
-            sub_x = take(x, "x")
-            sub_options = patch.prepare(dict(options), planner, story, subset, patch.call_layout(sub_x, sub_kwargs))
-            sub_options["cond_or_uncond"] = cond_or_uncond[chunk:chunk + 1]
-            if uuids is not None and len(uuids) == chunks:
-                sub_options["uuids"] = uuids[chunk:chunk + 1]
-            if "sigmas" in options:  # one sigma per panel (ComfyUI's per-chunk timestep)
-                sub_options["sigmas"] = take_rows(options["sigmas"], index_tensor(positions, "cpu"), panels, "sigmas")
-            result = patch.run(
-                executor, sub_x, take(t, "timestep"), take(c_concat, "c_concat"), take(c_crossattn, "c_crossattn"),
-                take(control, "control"), options=sub_options, **sub_kwargs,
-            )
-            if out is None:
-                out = result.new_empty((rows,) + tuple(result.shape[1:]))
-            out.index_copy_(0, index.to(result.device, non_blocking=True), result)
+        plan = cast.call_plan(per_call)
+        identity = [subset for subset in plan if any(cast.slot_of(panel) is not None for panel in subset)]
+        others = [subset for subset in plan if subset not in identity]
+        if devices is None:
+            run_sub_calls(patch, planner, executor, options, chunk, [sub_call(chunk, subset) for subset in plan], keep)
+            continue
+        shares, start = [], 0
+        for device, count in zip(devices.devices, devices.shares(len(others))):
+            shares.append((device, others[start:start + count]))
+            start += count
+        for device, share in shares[1:]:  # inputs moved before this device's own work is queued
+            if share:
+                calls = [sub_call(chunk, subset, kept=False).to(device) for subset in identity]
+                calls += [sub_call(chunk, subset).to(device) for subset in share]
+                devices.submit(device, run_sub_calls, patch, planner, devices.executor_on(device, executor),
+                               devices.options_on(device, options), chunk, calls)
+        own = [sub_call(chunk, subset) for subset in identity + shares[0][1]]
+        run_sub_calls(patch, planner, executor, options, chunk, own, keep)
+        for device, share in shares[1:]:
+            if share:
+                for index, result in devices.result(device):
+                    keep(index, result)
     return out
+
+
+def run_sub_calls(patch, planner, executor, options: dict, chunk: int, calls: list[SubCall], keep=None):
+    """Run one chunk's sub-calls in order over one bank (on the device of ``executor`` and the
+    calls' inputs); each kept sub-call's ``(rows, output)`` goes to ``keep`` as soon as it is
+    computed, or without ``keep`` (another device's work) into the list returned."""
+    results = []
+    keep = keep or (lambda index, result: results.append((index, result)))
+    cond_or_uncond = options.get("cond_or_uncond") or [0]
+    uuids = options.get("uuids")
+    story = patch.story_call(planner, 1, chunk, len(patch.cast.batch))  # this chunk's identity bank
+    x, t = calls[0].args[0], calls[0].args[1]
+    run_reference_rows(patch, planner, story, executor, x, t, options, range(chunk, chunk + 1))
+    for call in calls:
+        sub_options = patch.prepare(dict(options), planner, story, call.panels,
+                                    patch.call_layout(call.args[0], call.kwargs))
+        sub_options["cond_or_uncond"] = cond_or_uncond[chunk:chunk + 1]
+        if uuids is not None and len(uuids) == len(cond_or_uncond):
+            sub_options["uuids"] = uuids[chunk:chunk + 1]
+        if call.sigmas is not None:
+            sub_options["sigmas"] = call.sigmas
+        result = patch.run(executor, *call.args, options=sub_options, **call.kwargs)
+        if call.kept:
+            keep(call.index, result)
+    return results
 
 
 def run_reference_rows(patch, planner, story, executor, x, t, options: dict, chunks: range) -> None:
