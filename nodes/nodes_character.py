@@ -7,9 +7,9 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..attention import ConsistentAttentionError
-from .character_files import SavedCharacter, load_character, save_character, saved_character_files
+from .host.character_files import SavedCharacter, load_character, save_character, saved_character_files
+from .host.references import CharacterReference
 from .nodes_story import CATEGORY, StoryType, encode
-from .references import CharacterReference
 
 SIZE_TOOLTIP = ("The story's panel size in pixels (its Empty Latent Image): each image is scaled to cover it and "
                 "centre-cropped, so images of another size or shape work.")

@@ -14,8 +14,8 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..attention.cast import MAX_IDENTITY_PANELS
-from .story_prompts import DEFAULT_STYLE, EXAMPLE_STORY, STYLE_NAMES, parse_story
-from .story_summary import story_summary
+from .story.story_prompts import DEFAULT_STYLE, EXAMPLE_STORY, STYLE_NAMES, parse_story
+from .story.story_summary import story_summary
 
 # The parsed story_prompts.Story, for nodes that need the characters of each panel (reference bank).
 StoryType = io.Custom("CONSISTENT_STORY")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import ConsistentAttentionError, index_tensor, panels_per_chunk, take_rows
+from ...attention import ConsistentAttentionError, index_tensor, panels_per_chunk, take_rows
+from ..story.wiring import BATCH_WIRING
 from .references import check_references, reference_inputs
-from .wiring import BATCH_WIRING
 
 
 def run_story_call(patch, planner, executor, x, t, c_concat, c_crossattn, control, options: dict, **kwargs):
