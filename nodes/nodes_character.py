@@ -8,8 +8,9 @@ from comfy_api.v0_0_2 import io
 
 from ..attention import ConsistentAttentionError
 from .host.character_files import SavedCharacter, load_character, save_character, saved_character_files
+from .host.conditioning import encode
 from .host.references import CharacterReference
-from .nodes_story import CATEGORY, StoryType, encode
+from .schema import CATEGORY, StoryType
 
 SIZE_TOOLTIP = ("The story's panel size in pixels (its Empty Latent Image): each image is scaled to cover it and "
                 "centre-cropped, so images of another size or shape work.")
