@@ -1,6 +1,7 @@
 """The Consistent Self-Attention engine: plain torch, no host imports.
 
-Hosts (the ComfyUI patch in ``nodes/``, a diffusers processor) decide *where* CSA runs; this
+Hosts (the ComfyUI patch in ``nodes/host/``, the diffusers processor in ``diffusers_host/``, which
+this package never imports) decide *where* CSA runs; this
 package decides *what* each row attends to: every panel of a batch the others (``tokens``), or,
 in a story, each panel the identity panels of its characters (``cast``, ``story_attention``),
 a few panels at a time if need be (``rows``).

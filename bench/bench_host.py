@@ -50,10 +50,10 @@ def import_comfy(comfy_dir: Path, cpu: bool):
     import comfy.samplers  # noqa: F401
 
 
-def load_csa_patch_module(name: str = "csa_patch"):
-    """``consistent_story.nodes.<name>`` (default ``csa_patch``), the pack imported as the tests import it."""
+def load_host_module(name: str = "csa_patch"):
+    """``consistent_story.nodes.host.<name>`` (default ``csa_patch``), the pack imported as the tests import it."""
     load_pack()
-    return importlib.import_module(f"{PACK_NAME}.nodes.{name}")
+    return importlib.import_module(f"{PACK_NAME}.nodes.host.{name}")
 
 
 def init_random_(module, seed: int) -> None:

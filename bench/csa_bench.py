@@ -149,7 +149,7 @@ class Bench:
         self.torch = torch
         self.device = mm.get_torch_device()
         self.cuda = self.device.type == "cuda"
-        self.csa_patch = bench_host.load_csa_patch_module()
+        self.csa_patch = bench_host.load_host_module()
         self.engine = sys.modules[f"{bench_host.PACK_NAME}.attention"]
         self.dense_mask = __import__("dense_mask")
         self.base = bench_host.build_sdxl(args.tiny)

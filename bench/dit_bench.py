@@ -104,8 +104,8 @@ class DiTBench:
         self.device = mm.get_torch_device()
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
-        self.dit_patch = bench_host.load_csa_patch_module("dit_patch")
-        self.families = bench_host.load_csa_patch_module("dit_families")
+        self.dit_patch = bench_host.load_host_module("dit_patch")
+        self.families = bench_host.load_host_module("dit_families")
         self.engine = sys.modules[f"{bench_host.PACK_NAME}.attention"]
         self.kernels = sys.modules[f"{bench_host.PACK_NAME}.attention.kernels"]
         self.reference = None

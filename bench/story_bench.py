@@ -96,7 +96,7 @@ class StoryBench:
         self.args, self.torch = args, torch
         self.device = mm.get_torch_device()
         self.cuda = self.device.type == "cuda"
-        self.csa_patch = bench_host.load_csa_patch_module()
+        self.csa_patch = bench_host.load_host_module()
         self.engine = sys.modules[f"{bench_host.PACK_NAME}.attention"]
         self.base = bench_host.build_sdxl(args.tiny)
         self.output_layers = sum(1 for block in self.base.model.diffusion_model.output_blocks
@@ -108,7 +108,7 @@ class StoryBench:
         gen = torch.Generator().manual_seed(7)
         conditioning = lambda: [[torch.randn(1, 77, 2048, generator=gen),  # noqa: E731
                                  {"pooled_output": torch.randn(1, 1280, generator=gen)}]]
-        references = sys.modules[f"{bench_host.PACK_NAME}.nodes.references"]
+        references = sys.modules[f"{bench_host.PACK_NAME}.nodes.host.references"]
         return (references.CharacterReference("Bob", torch.randn(images, 4, side, side, generator=gen),
                                               conditioning(), conditioning(), "SDXL"),)
 

@@ -7,9 +7,10 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..attention import ConsistentAttentionError
-from .character_files import SavedCharacter, load_character, save_character, saved_character_files
-from .nodes_story import CATEGORY, StoryType, encode
-from .references import CharacterReference
+from .host.character_files import SavedCharacter, load_character, save_character, saved_character_files
+from .host.conditioning import encode
+from .host.references import CharacterReference
+from .schema import CATEGORY, StoryType
 
 SIZE_TOOLTIP = ("The story's panel size in pixels (its Empty Latent Image): each image is scaled to cover it and "
                 "centre-cropped, so images of another size or shape work.")

@@ -1,13 +1,13 @@
 """Comic Page node: lays a story's panels and their captions out on comic pages."""
 from comfy_api.v0_0_2 import io
 
-from .comic_layout import (
+from .host.input_limits import out_of_limits
+from .host.story_panels import panel_folder, save_panels, whole_story
+from .schema import CATEGORY, StoryType
+from .story.comic_layout import (
     CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, check_captions_fit, check_width_fits, compose_pages,
     parse_color,
 )
-from .input_limits import out_of_limits
-from .nodes_story import CATEGORY, StoryType
-from .story_panels import panel_folder, save_panels, whole_story
 
 DEFAULT_NAME = "story"
 

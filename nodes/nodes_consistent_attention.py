@@ -7,10 +7,10 @@ from dataclasses import replace
 from comfy_api.v0_0_2 import io
 
 from ..attention import KERNELS, MAX_IDENTITY_PANELS, PERCENT_OF, ConsistentAttentionError, CSAConfig, parse_block_list
-from .csa_patch import ConsistentAttentionPatch
-from .dit_families import FAMILIES, dit_family
-from .dit_patch import KEY_POSITIONS, DiTAttentionPatch
-from .nodes_story import CATEGORY, DEFAULT_IDENTITY_PANELS, StoryType
+from .host.csa_patch import ConsistentAttentionPatch
+from .host.dit_families import FAMILIES, dit_family
+from .host.dit_patch import KEY_POSITIONS, DiTAttentionPatch
+from .schema import CATEGORY, DEFAULT_IDENTITY_PANELS, StoryType
 
 
 BLOCK_OPTIONS = ("output", "all", "custom", "single-stream", "double-stream")

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FONT = REPO_ROOT / "nodes" / "fonts" / "ComicNeue-Bold.otf"
+FONT = REPO_ROOT / "nodes" / "story" / "fonts" / "ComicNeue-Bold.otf"
 SIZE = (400, 300)
 PAPER, INK = (250, 247, 240), (30, 30, 30)
 SKIES = [(150, 190, 220), (240, 200, 150), (200, 160, 120), (170, 210, 170), (230, 180, 200)]

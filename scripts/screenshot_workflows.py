@@ -9,7 +9,7 @@ driven by Playwright, opens it, loads each workflow with ``app.loadGraphData`` a
 a node type is not registered in LiteGraph (the "missing nodes" case), the frontend logs an
 error while loading or while loading this pack's web extension, the extension
 ``ConsistentStory.PanelCount`` is absent, or the Story Prompts node's badge does not read the
-panel and character counts that the pack's own parser (nodes/story_prompts.py) finds.
+panel and character counts that the pack's own parser (nodes/story/story_prompts.py) finds.
 The graph is then fitted to the view and the page saved as ``workflow_<name>.png``
 ("Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``): a 1600x900 page at pixel ratio 2, so the
 3200x1800 PNG keeps node text legible although the whole graph fits at about 45 % zoom.

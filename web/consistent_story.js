@@ -2,7 +2,7 @@
 // can see, while typing, how many latents the sampler needs (wire panel_count to batch_size).
 // A character that no panel shows alone has no identity panel for Consistent Self-Attention:
 // the badge names it ("[Mia] never alone") before the run would fail on it.
-// The rule mirrors nodes/story_prompts.py: a line is a character definition when it starts with
+// The rule mirrors nodes/story/story_prompts.py: a line is a character definition when it starts with
 // the only tag on the line, names a character not defined before, is not [NC] and has no '#'.
 // The Python parser stays the authority: it raises the real errors when the prompt runs.
 // It also warns when the sampler fed by the story's positive prompts takes a latent whose typed
@@ -11,7 +11,7 @@
 // latent before sampling.
 // With the panels input set ("37", "3, 9-12") it says what will run: "draws 1 panel + 4 identity
 // panels" (the chosen panels and the identity panels of the characters they name, as
-// nodes/story_prompts.py Story.select picks them), or what is wrong with the value.
+// nodes/story/story_prompts.py Story.select picks them), or what is wrong with the value.
 import { app } from "../../scripts/app.js";
 
 const NODE_ID = "ConsistentStoryPrompts";

@@ -9,7 +9,7 @@ Prompts badge) and fit it to the view.
 
 The badge is drawn on the canvas, not in the DOM: ``BADGE_JS`` draws the node once into a spare
 canvas and keeps the strings its extension writes, and its leading "N panels · M characters" is
-compared with what the pack's own parser (nodes/story_prompts.py) counts.
+compared with what the pack's own parser (nodes/story/story_prompts.py) counts.
 """
 from __future__ import annotations
 
@@ -312,7 +312,7 @@ def story_counts(story_text: str) -> str:
     """The badge's leading "N panels · M characters" for ``story_text``, by the pack's Python parser
     (the authority); the badge may add warnings after a further " · "."""
     load_pack()
-    from consistent_story.nodes.story_prompts import parse_story
+    from consistent_story.nodes.story.story_prompts import parse_story
 
     story = parse_story(story_text)
     panels, characters = len(story.panels), len(story.characters)

@@ -1,6 +1,6 @@
 """Which step each model call located, recorded with ComfyUI's own keyed wrappers.
 
-Consistent Self-Attention keys a model call to a sampling step by its sigma (nodes/csa_patch.py
+Consistent Self-Attention keys a model call to a sampling step by its sigma (nodes/host/csa_patch.py
 ``current_step``) and keeps it in the call's ``CallState`` in transformer_options. The record puts
 the step every call located beside the steps the sampler itself announces to its callback, so a
 test can say, call by call, which step each sampler evaluation took.

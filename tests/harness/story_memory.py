@@ -71,7 +71,7 @@ def measure(checkpoints: Path, checkpoint: str, panels: int, per_call: int, size
     from harness.pack import load_pack
 
     load_pack()
-    from consistent_story.nodes.story_prompts import parse_story
+    from consistent_story.nodes.story.story_prompts import parse_story
 
     model, clip = env.nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint)[:2]
     story = parse_story(story_text(panels), "No style")

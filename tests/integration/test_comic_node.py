@@ -108,7 +108,7 @@ def test_captions_too_large_for_the_page_name_the_font_size():
     from harness.pack import load_pack
 
     load_pack()
-    from consistent_story.nodes.comic_layout import LayoutOptions, layout_pages
+    from consistent_story.nodes.story.comic_layout import LayoutOptions, layout_pages
 
     with pytest.raises(ValueError, match="Lower caption_font_size"):
         layout_pages(LayoutOptions(page_width=512, columns=1), 40, 1.0, caption_band=2000)

@@ -198,7 +198,7 @@ def comfy_sample(hosts: Hosts, config=None, cast=None) -> list:
     """ComfyUI's CFGGuider, euler, STEPS steps; CSA installed on a clone when ``config`` is given
     (story mode with ``cast``)."""
     import comfy.samplers
-    from consistent_story.nodes.csa_patch import ConsistentAttentionPatch
+    from consistent_story.nodes.host.csa_patch import ConsistentAttentionPatch
 
     model = hosts.patcher.clone()
     if config is not None:
@@ -253,7 +253,7 @@ def test_block_identity_matches_comfyui_key_conversion(hosts, family):
     """Every attn1 is named (kind, number, block_index) exactly where ComfyUI's key map puts its weights."""
     import comfy.utils
     from comfy.ldm.modules.attention import BasicTransformerBlock
-    from consistent_story.attention.diffusers_processor import comfy_self_attention_layers
+    from consistent_story.attention.diffusers_host.processor import comfy_self_attention_layers
 
     h = hosts(family)
     key_map = comfy.utils.unet_to_diffusers(h.patcher.model.model_config.unet_config)
@@ -280,7 +280,7 @@ def test_vanilla_forward_agrees_across_hosts(hosts, family, record_property):
 def sampled_on_both_hosts(h, config, label: str, record_property, cast=None):
     """ComfyUI samples with CSA; diffusers replays each step's input with the same CSA; their
     predictions must agree. Returns (ComfyUI's steps, diffusers' predictions, diffusers' state)."""
-    from consistent_story.attention.diffusers_processor import install_consistent_attention
+    from consistent_story.attention.diffusers_host.processor import install_consistent_attention
 
     comfy_steps = comfy_sample(h, config, cast)
     state = install_consistent_attention(h.unet, config, cast=cast)
@@ -343,7 +343,7 @@ def test_state_follows_the_unet_calls_and_chunks(hosts):
     from diffusers import DDIMScheduler
 
     from consistent_story.attention import Step
-    from consistent_story.attention.diffusers_processor import install_consistent_attention
+    from consistent_story.attention.diffusers_host.processor import install_consistent_attention
 
     h = hosts("sd15")
     scheduler = DDIMScheduler()

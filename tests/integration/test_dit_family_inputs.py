@@ -16,8 +16,8 @@ from test_dit_families import (  # noqa: F401  (dit: the per-family fixture)
 from harness.pack import load_pack
 
 load_pack()
-from consistent_story.nodes.references import CharacterReference  # noqa: E402
-from consistent_story.nodes.story_prompts import parse_story  # noqa: E402
+from consistent_story.nodes.host.references import CharacterReference  # noqa: E402
+from consistent_story.nodes.story.story_prompts import parse_story  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

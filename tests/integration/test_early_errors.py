@@ -53,7 +53,7 @@ def test_the_pack_errors_read_as_names_where_comfyui_shows_their_type(comfy):
 
     load_pack()
     from consistent_story.attention import ConsistentAttentionError
-    from consistent_story.nodes.story_prompts import StoryError
+    from consistent_story.nodes.story.story_prompts import StoryError
 
     names = [execution.full_type_name(error) for error in (ConsistentAttentionError, StoryError)]
     assert names == ["consistent_story.ConsistentAttentionError", "consistent_story.StoryError"]

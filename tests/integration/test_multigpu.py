@@ -118,7 +118,7 @@ def test_shares_follow_the_relative_speeds_comfyui_keeps(comfy):
     """The share of sub-calls each device takes comes from ComfyUI's own balance of the speeds its
     MultiGPU Options node records (a device three times as fast takes three times the work)."""
     nodes_package = comfy.NODE_CLASS_MAPPINGS["ConsistentStorySelfAttention"].__module__.rpartition(".")[0]
-    story_devices = importlib.import_module(nodes_package + ".story_devices")  # the pack ComfyUI loaded
+    story_devices = importlib.import_module(nodes_package + ".host.story_devices")  # the pack ComfyUI loaded
     SpareDevices, StoryDevices = story_devices.SpareDevices, story_devices.StoryDevices
     first = torch.device("cpu")
     speeds = {first: {"relative_speed": 1.0}, SECOND: {"relative_speed": 3.0}}

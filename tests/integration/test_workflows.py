@@ -100,7 +100,7 @@ def test_every_workflow_feeds_its_story_to_consistent_self_attention(path):
     from harness.pack import load_pack
 
     load_pack()
-    from consistent_story.nodes.story_prompts import parse_story
+    from consistent_story.nodes.story.story_prompts import parse_story
 
     workflow = load_workflow(path)
     prompts, csa = ui_node(workflow, "ConsistentStoryPrompts"), ui_node(workflow, "ConsistentStorySelfAttention")
@@ -232,7 +232,7 @@ def csa_calls(comfy, monkeypatch):
     import sys
 
     node = comfy.NODE_CLASS_MAPPINGS["ConsistentStorySelfAttention"]
-    patch_module = sys.modules[node.__module__.rpartition(".")[0] + ".csa_patch"]
+    patch_module = sys.modules[node.__module__.rpartition(".")[0] + ".host.csa_patch"]
     original, calls = patch_module.ConsistentAttentionPatch.run, []
 
     def run(self, executor, *args, options, **kwargs):

@@ -42,7 +42,7 @@ REPOSITORY = PYPROJECT["project"]["urls"]["Repository"].rstrip("/")
 MUST_HOLD = (
     "__init__.py", "pyproject.toml", "LICENSE", "README.md", "requirements.txt",
     "nodes/", "attention/", "web/", "web/docs/", "workflows/",
-    "nodes/fonts/ComicNeue-Bold.otf", "nodes/fonts/OFL.txt",
+    "nodes/story/fonts/ComicNeue-Bold.otf", "nodes/story/fonts/OFL.txt",
 )
 MUST_NOT_HOLD = ("tests/", "bench/", "docs/", "scripts/", ".ci/", ".github/")
 

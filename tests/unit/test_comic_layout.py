@@ -1,4 +1,4 @@
-"""Comic page layout maths and drawing (nodes/comic_layout.py), without ComfyUI."""
+"""Comic page layout maths and drawing (nodes/story/comic_layout.py), without ComfyUI."""
 import itertools
 import random
 
@@ -9,7 +9,7 @@ import torch
 from harness.pack import load_pack
 
 load_pack()
-from consistent_story.nodes import comic_layout as cl  # noqa: E402
+from consistent_story.nodes.story import comic_layout as cl  # noqa: E402
 
 ASPECT = 0.75  # panels 4:3 landscape, as the small test images below
 

@@ -8,7 +8,7 @@ from harness.stories import BOB_AND_ALICE
 
 load_pack()
 from consistent_story.attention import ConsistentAttentionError  # noqa: E402
-from consistent_story.nodes import story_prompts as sp  # noqa: E402
+from consistent_story.nodes.story import story_prompts as sp  # noqa: E402
 
 STORY = BOB_AND_ALICE  # panels 1-7; identity panels (2 each): Bob 1, 3; Alice 2, 6
 

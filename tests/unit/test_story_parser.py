@@ -1,4 +1,4 @@
-"""Story syntax, styles and errors of nodes/story_prompts.py (pure Python, no ComfyUI)."""
+"""Story syntax, styles and errors of nodes/story/story_prompts.py (pure Python, no ComfyUI)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from harness.pack import load_pack
 
 load_pack()
-from consistent_story.nodes import story_prompts as sp  # noqa: E402
+from consistent_story.nodes.story import story_prompts as sp  # noqa: E402
 
 BOB = "a man with short black hair, red coat"
 ALICE = "a woman in a green dress"

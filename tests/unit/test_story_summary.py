@@ -5,8 +5,8 @@ from harness.pack import load_pack
 from harness.stories import BOB_AND_ALICE
 
 load_pack()
-from consistent_story.nodes.story_prompts import parse_story  # noqa: E402
-from consistent_story.nodes.story_summary import story_summary  # noqa: E402
+from consistent_story.nodes.story.story_prompts import parse_story  # noqa: E402
+from consistent_story.nodes.story.story_summary import story_summary  # noqa: E402
 
 BOB, ALICE = "a man in a red coat", "a woman in a green dress"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..attention import ConsistentAttentionError
+from ...attention import ConsistentAttentionError
 
 FOLDER = "consistent_story_characters"
 EXTENSION = ".safetensors"

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import ConsistentAttentionError, index_tensor, move_to, panels_per_chunk, take_rows
+from ...attention import ConsistentAttentionError, index_tensor, move_to, panels_per_chunk, take_rows
+from ..story.wiring import BATCH_WIRING
 from .references import check_references, reference_inputs
 from .story_devices import StoryDevices
-from .wiring import BATCH_WIRING
 
 
 @dataclass(frozen=True)

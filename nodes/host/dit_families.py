@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..attention import ConsistentAttentionError, CSAConfig, RoPE, TokenLayout, dit_layout
+from ...attention import ConsistentAttentionError, CSAConfig, RoPE, TokenLayout, dit_layout
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,14 @@ from dataclasses import replace
 
 import torch
 
-from ..attention import (
+from ...attention import (
     OFFICIAL_SWITCH, OFFICIAL_WARMUP, BatchCast, CallPlanner, ConsistentAttentionError, CSAConfig, KernelChoice,
     SigmaMarks, Step, StoryCall, StoryCast, locate_step, panels_per_chunk,
 )
+from ..story.wiring import BATCH_WIRING
 from .references import check_references
 from .story_calls import run_story_call
 from .story_devices import CALC_COND_BATCH, offer_spare_devices
-from .wiring import BATCH_WIRING
 
 STATE_KEY = "consistent_story.csa"
 WRAPPER_KEY = "consistent_story.csa"

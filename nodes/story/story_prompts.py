@@ -25,7 +25,7 @@ import difflib
 import re
 from dataclasses import dataclass, replace
 
-from ..attention.cast import MAX_IDENTITY_PANELS, StoryCast, solo_panels
+from ...attention.cast import MAX_IDENTITY_PANELS, StoryCast, solo_panels
 from .panel_selection import StoryError, parse_panel_selection
 
 NO_CHARACTER = "NC"
@@ -132,7 +132,7 @@ class Story:
     characters: tuple[Character, ...]
     style: str
     negative: str  # user's negative merged with the style's
-    # Characters drawn from the user's images (nodes/references.CharacterReference), in character order.
+    # Characters drawn from the user's images (nodes/host/references.CharacterReference), in character order.
     references: tuple = ()
     template: str = PROMPT_SLOT  # the style's template
     # A story drawn in part (``select``): the story indices of the panels in the sampler's batch, in

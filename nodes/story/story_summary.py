@@ -8,7 +8,7 @@ panels), numbered from 1 as the editor's badge numbers panels.
 """
 from __future__ import annotations
 
-from ..attention.cast import solo_panels
+from ...attention.cast import solo_panels
 from .story_prompts import Story
 
 

@@ -1,6 +1,6 @@
 """Consistent Self-Attention in diffusers: an attn1 processor for ``UNet2DConditionModel``.
 
-The same engine and options as the ComfyUI patch (``nodes/csa_patch.py``). Every self-attention
+The same engine and options as the ComfyUI patch (``nodes/host/csa_patch.py``). Every self-attention
 layer gets a processor that knows its ComfyUI identity (block kind, block number, index in its
 transformer), so for one ``CSAConfig``, seed and step both hosts choose the same layers, draw the
 same schedule and sample the same tokens. Layers and steps without CSA run the layer's previous
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cast import BatchCast, StoryCast
-from .config import ConsistentAttentionError, CSAConfig
-from .planner import CallPlanner, panels_per_chunk
-from .schedule import Step
-from .story_attention import StoryCall
+from ..cast import BatchCast, StoryCast
+from ..config import ConsistentAttentionError, CSAConfig
+from ..planner import CallPlanner, panels_per_chunk
+from ..schedule import Step
+from ..story_attention import StoryCall
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ Batch and story mode are the UNet patch's (one engine); only the marking and the
 """
 from __future__ import annotations
 
-from ..attention import ConsistentAttentionError
+from ...attention import ConsistentAttentionError
 from .csa_patch import STATE_KEY, ConsistentAttentionPatch
 from .dit_families import DiTFamily
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import ConsistentAttentionError, mix_seed
+from ...attention import ConsistentAttentionError, mix_seed
 
 NOISE_SEED = 0x5EED_C4A2  # mixed with the CSA seed: the references' noise
 

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..attention.cast import solo_panels
-from .comic_layout import to_rgb_uint8
+from ...attention.cast import solo_panels
+from ..story.comic_layout import to_rgb_uint8
 
 FOLDER = "consistent_story_panels"
 MARK = "consistent_story_panel"  # PNG text chunk: the panel's key, so a file not written here is refused
