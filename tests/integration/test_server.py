@@ -4,10 +4,12 @@ Expected node ids come from the pack itself (its extension's ``get_node_list``);
 ``/object_info`` is what the frontend shows.
 """
 import asyncio
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,43 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# The editor's "story at a glance" (web/story_glance.js) asks the server's parser, not a copy.
+SUMMARY_ROUTE = "/api/consistent_story/summary"  # as the frontend's api.fetchApi calls it
+BOB, ALICE = "a man in a red coat", "a woman in a green dress"
+
+
+def test_summary_route_gives_each_panels_role_and_final_prompt(comfy_server):
+    from harness.stories import BOB_AND_ALICE
+
+    values = {"story": BOB_AND_ALICE, "style": "No style", "custom_style": "", "panels": "", "identity_panels": 2}
+    assert json.loads(comfy_server.request(SUMMARY_ROUTE, values))["rows"] == [
+        "7 panels · 2 characters",
+        "identity panels: Bob 1, 3; Alice 2, 6",
+        f"1. identity of Bob, reads 3: {BOB} walks in the park",
+        f"2. identity of Alice, reads 6: {ALICE} reads a book",
+        f"3. identity of Bob, reads 1: {BOB} runs to the station",
+        "4. no character, reads nobody: a quiet forest at dawn",
+        f"5. reads Bob 1, 3; Alice 2, 6: {BOB} and {ALICE} talk at a cafe",
+        f"6. identity of Alice, reads 2: {ALICE} sleeps on the sofa",
+        f"7. reads Bob 1, 3: {BOB} eats an apple",
+    ]
+    # panels and identity_panels as the node's widgets give them; the style wraps every prompt.
+    part = dict(values, style="Comic book", panels="5", identity_panels=1)
+    rows = json.loads(comfy_server.request(SUMMARY_ROUTE, part))["rows"]
+    assert rows[:2] == ["7 panels · 2 characters · draws 3 of them", "identity panels: Bob 1; Alice 2"]
+    assert rows[2].startswith(f"1. identity of Bob, reads nobody: comic book panel of {BOB} walks in the park, ")
+    assert rows[4].startswith(f"3. reads Bob 1 (not drawn): comic book panel of {BOB} runs to the station, ")
+
+
+def test_summary_route_answers_a_bad_story_with_the_parsers_message(comfy_server):
+    bad = {"story": "[Bob] a man\n[Bob] and [Eve] talk", "style": "No style", "custom_style": "", "panels": "",
+           "identity_panels": 2}  # fmt: skip
+    error = json.loads(comfy_server.request(SUMMARY_ROUTE, bad))["error"]
+    assert error.startswith("Story line 2: ") and "[Eve]" in error, error
+    too_far = dict(bad, story="[Bob] a man\n[Bob] sits", panels="3")
+    assert "'3' is outside" in json.loads(comfy_server.request(SUMMARY_ROUTE, too_far))["error"]
+    with pytest.raises(urllib.error.HTTPError) as refused:  # not what the editor sends: a 400 naming the fields
+        comfy_server.request(SUMMARY_ROUTE, dict(bad, identity_panels="2"))
+    assert refused.value.code == 400 and "identity_panels" in json.loads(refused.value.read())["error"]
