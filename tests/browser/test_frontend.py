@@ -10,16 +10,18 @@ each graph and of the result is saved (conftest.py says where).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from harness.browser import (
-    BADGE_JS, close_dialogs, REDRAW_S, SET_SETTING_JS, STORY_NODE, TEMPLATE_CARD, VUE_NODES_SETTING, card_thumbnail_width, check_badge,
+    BADGE_JS, PACK_MARKERS, close_dialogs, REDRAW_S, SET_SETTING_JS, STORY_NODE, TEMPLATE_CARD, VUE_NODES_SETTING, card_thumbnail_width, check_badge,
     check_graph, check_vue_badge, fit_view, load_template, open_templates, search_templates, show_pack_cards,
 )
 from harness.server import PACK_LINK_NAME
+from harness.stories import BOB_AND_ALICE, BOB_AND_ALICE_AT_A_GLANCE
 from harness.workflow import (
     COMIC_PAGE, WORKFLOW_DIR, WORKFLOWS, load_workflow, nodes_of_type, set_widgets, shrink, ui_to_api,
     workflow_id,
@@ -224,6 +226,62 @@ def test_badge_shows_in_vue_nodes_mode(frontend):
     finally:
         page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, False])
     assert console.pack_errors() == []
+
+
+# The "story at a glance" switch of Story Prompts (web/story_glance.js), flipped as a click does.
+GLANCE_SWITCH_JS = """
+([id, on]) => {
+  const widget = app.graph.getNodeById(id).widgets.find((w) => w.name === "story at a glance");
+  widget.value = on;
+  widget.callback?.(on);
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+# The view's text once shown on the page (in the Vue node when ``vue``), else null.
+GLANCE_TEXT_JS = """
+([id, vue]) => {
+  const view = document.querySelector(".consistent-story-glance");
+  const shown = view && view.getClientRects().length > 0 && view.value !== "";
+  const inNode = !vue || !!view?.closest(`[data-node-id="${id}"]`);
+  return shown && inNode ? view.value : null;
+}
+"""
+
+
+def test_story_at_a_glance_shows_each_panels_role_while_editing(frontend, shots_dir, browser_report):
+    """The switch shows each panel's role and final prompt from the pack's parser (the server's
+    route), follows the story as it is edited, shows the parser's message for a bad story, and
+    is shown in the Vue nodes mode too."""
+    page, console = frontend
+    open_templates(page)
+    load_template(page, QUEUED)
+    node_id = page.evaluate(BADGE_JS, [STORY_NODE, "/"])["id"]
+    since = console.mark()
+    fit_view(page, 0.8, [node_id], settle_s=REDRAW_S)
+
+    def shown(text: str, vue: bool = False) -> None:
+        page.wait_for_function(f"(args) => ({GLANCE_TEXT_JS})(args) === {json.dumps(text)}", arg=[node_id, vue])
+
+    page.evaluate(GLANCE_SWITCH_JS, [node_id, True])
+    page.evaluate(SET_WIDGETS_JS, {node_id: {"story": BOB_AND_ALICE, "style": "No style", "panels": "",
+                                             "identity_panels": 2}})  # fmt: skip
+    shown("\n".join(BOB_AND_ALICE_AT_A_GLANCE))
+    shoot(page, shots_dir, "story_at_a_glance", browser_report)
+    page.evaluate(SET_WIDGETS_JS, {node_id: {"story": "[Bob] a man\n[Bob] and [Eve] talk"}})
+    page.wait_for_function(f"(args) => ({GLANCE_TEXT_JS})(args)?.startsWith('⚠ Story line 2: ')", arg=[node_id, False])
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    if tuple(int(part) for part in version.split(".")[:2]) >= VUE_NODES_SINCE:
+        page.evaluate(SET_WIDGETS_JS, {node_id: {"story": BOB_AND_ALICE}})
+        page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, True])
+        try:
+            shown("\n".join(BOB_AND_ALICE_AT_A_GLANCE), vue=True)
+            shoot(page, shots_dir, "story_at_a_glance_vue_nodes", browser_report)
+        finally:
+            page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, False])
+    page.evaluate(GLANCE_SWITCH_JS, [node_id, False])
+    page.wait_for_function("() => !document.querySelector('.consistent-story-glance')")
+    assert console.pack_errors(since) == []
+    assert [w for w in console.warnings(since) if any(marker in w for marker in PACK_MARKERS)] == []
 
 
 SHOWS_ANY_JS = "(texts) => texts.some((text) => document.body.innerText.includes(text))"

@@ -16,6 +16,7 @@ import pytest
 
 from harness.pack import load_pack
 from harness.server import PACK_LINK_NAME
+from harness.stories import ALICE, BOB, BOB_AND_ALICE, BOB_AND_ALICE_AT_A_GLANCE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.server]
@@ -111,24 +112,11 @@ def _alive(pid: int) -> bool:
 
 # The editor's "story at a glance" (web/story_glance.js) asks the server's parser, not a copy.
 SUMMARY_ROUTE = "/api/consistent_story/summary"  # as the frontend's api.fetchApi calls it
-BOB, ALICE = "a man in a red coat", "a woman in a green dress"
 
 
 def test_summary_route_gives_each_panels_role_and_final_prompt(comfy_server):
-    from harness.stories import BOB_AND_ALICE
-
     values = {"story": BOB_AND_ALICE, "style": "No style", "custom_style": "", "panels": "", "identity_panels": 2}
-    assert json.loads(comfy_server.request(SUMMARY_ROUTE, values))["rows"] == [
-        "7 panels · 2 characters",
-        "identity panels: Bob 1, 3; Alice 2, 6",
-        f"1. identity of Bob, reads 3: {BOB} walks in the park",
-        f"2. identity of Alice, reads 6: {ALICE} reads a book",
-        f"3. identity of Bob, reads 1: {BOB} runs to the station",
-        "4. no character, reads nobody: a quiet forest at dawn",
-        f"5. reads Bob 1, 3; Alice 2, 6: {BOB} and {ALICE} talk at a cafe",
-        f"6. identity of Alice, reads 2: {ALICE} sleeps on the sofa",
-        f"7. reads Bob 1, 3: {BOB} eats an apple",
-    ]
+    assert json.loads(comfy_server.request(SUMMARY_ROUTE, values))["rows"] == BOB_AND_ALICE_AT_A_GLANCE
     # panels and identity_panels as the node's widgets give them; the style wraps every prompt.
     part = dict(values, style="Comic book", panels="5", identity_panels=1)
     rows = json.loads(comfy_server.request(SUMMARY_ROUTE, part))["rows"]
