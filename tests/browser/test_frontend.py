@@ -284,6 +284,46 @@ def test_story_at_a_glance_shows_each_panels_role_while_editing(frontend, shots_
     assert [w for w in console.warnings(since) if any(marker in w for marker in PACK_MARKERS)] == []
 
 
+# The texts a node draws in its foreground pass while the canvas really draws the graph.
+FOREGROUND_TEXTS_JS = """
+(id) => {
+  const node = app.graph.getNodeById(id);
+  const draw = node.onDrawForeground;
+  const drawn = [];
+  node.onDrawForeground = function (ctx, ...rest) {
+    const fillText = ctx.fillText;
+    ctx.fillText = function (text, ...args) { drawn.push(String(text)); return fillText.call(this, text, ...args); };
+    try { return draw?.call(this, ctx, ...rest); } finally { delete ctx.fillText; }
+  };
+  try { app.canvas.draw(true, true); } finally { node.onDrawForeground = draw; }
+  const slot = node.inputs.findIndex((i) => i.name === "captions");
+  return { drawn, connected: node.isInputConnected(slot) };
+}
+"""
+VUE_NODE_TEXT_JS = "(id) => document.querySelector(`[data-node-id=\"${id}\"]`)?.innerText ?? null"
+
+
+def test_comic_pages_connected_captions_input_is_named(frontend, shots_dir, browser_report):
+    """Comic Page's captions wired from Story Prompts: the canvas names the slot (the frontend
+    hides the multiline box and leaves a widget's slot unlabelled); Vue nodes name it too."""
+    page, console = frontend
+    open_templates(page)
+    load_template(page, QUEUED)
+    node_id = page.evaluate(f"() => app.graph.nodes.find((n) => n.type === '{COMIC_PAGE}').id")
+    fit_view(page, 0.8, [node_id], settle_s=REDRAW_S)
+    foreground = page.evaluate(FOREGROUND_TEXTS_JS, node_id)
+    assert foreground == {"drawn": ["captions"], "connected": True}
+    shoot(page, shots_dir, "comic_page_captions", browser_report)
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    if tuple(int(part) for part in version.split(".")[:2]) >= VUE_NODES_SINCE:
+        page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, True])
+        try:
+            page.wait_for_function(f"(id) => ({VUE_NODE_TEXT_JS})(id)?.split('\\n').includes('captions')", arg=node_id)
+        finally:
+            page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, False])
+    assert console.pack_errors() == []
+
+
 SHOWS_ANY_JS = "(texts) => texts.some((text) => document.body.innerText.includes(text))"
 SEE_ERRORS = '[data-testid="error-overlay-see-errors"]'
 SHOWN_OR_SUMMED_JS = "([text, button]) => document.body.innerText.includes(text) || !!document.querySelector(button)"
