@@ -84,8 +84,9 @@ function attachGlance(node) {
       return result;
     };
   }
-  const switchWidget = node.addWidget("toggle", SWITCH, false, toggle, { on: "shown", off: "hidden", serialize: false });
-  switchWidget.serialize = false;
+  const options = { on: "shown", off: "hidden", serialize: false }; // not sent with the prompt
+  const switchWidget = node.addWidget("toggle", SWITCH, false, toggle, options);
+  switchWidget.serialize = false; // not saved with the workflow
   const onRemoved = node.onRemoved;
   node.onRemoved = function (...args) {
     clearTimeout(timer);

@@ -268,7 +268,8 @@ def test_story_at_a_glance_shows_each_panels_role_while_editing(frontend, shots_
     shown("\n".join(BOB_AND_ALICE_AT_A_GLANCE))
     shoot(page, shots_dir, "story_at_a_glance", browser_report)
     page.evaluate(SET_WIDGETS_JS, {node_id: {"story": "[Bob] a man\n[Bob] and [Eve] talk"}})
-    page.wait_for_function(f"(args) => ({GLANCE_TEXT_JS})(args)?.startsWith('⚠ Story line 2: ')", arg=[node_id, False])
+    refused = f"(args) => ({GLANCE_TEXT_JS})(args)?.startsWith('⚠ Story line 2: ')"  # the parser's message
+    page.wait_for_function(refused, arg=[node_id, False])
     version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
     if tuple(int(part) for part in version.split(".")[:2]) >= VUE_NODES_SINCE:
         page.evaluate(SET_WIDGETS_JS, {node_id: {"story": BOB_AND_ALICE}})
