@@ -10,16 +10,18 @@ each graph and of the result is saved (conftest.py says where).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from harness.browser import (
-    BADGE_JS, close_dialogs, REDRAW_S, SET_SETTING_JS, STORY_NODE, TEMPLATE_CARD, VUE_NODES_SETTING, card_thumbnail_width, check_badge,
+    BADGE_JS, PACK_MARKERS, close_dialogs, REDRAW_S, SET_SETTING_JS, STORY_NODE, TEMPLATE_CARD, VUE_NODES_SETTING, card_thumbnail_width, check_badge,
     check_graph, check_vue_badge, fit_view, load_template, open_templates, search_templates, show_pack_cards,
 )
 from harness.server import PACK_LINK_NAME
+from harness.stories import BOB_AND_ALICE, BOB_AND_ALICE_AT_A_GLANCE
 from harness.workflow import (
     COMIC_PAGE, WORKFLOW_DIR, WORKFLOWS, load_workflow, nodes_of_type, set_widgets, shrink, ui_to_api,
     workflow_id,
@@ -223,6 +225,103 @@ def test_badge_shows_in_vue_nodes_mode(frontend):
         check_vue_badge(page, node_id, check_badge(page, QUEUED))
     finally:
         page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, False])
+    assert console.pack_errors() == []
+
+
+# The "story at a glance" switch of Story Prompts (web/story_glance.js), flipped as a click does.
+GLANCE_SWITCH_JS = """
+([id, on]) => {
+  const widget = app.graph.getNodeById(id).widgets.find((w) => w.name === "story at a glance");
+  widget.value = on;
+  widget.callback?.(on);
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+# The view's text once shown on the page (in the Vue node when ``vue``), else null.
+GLANCE_TEXT_JS = """
+([id, vue]) => {
+  const view = document.querySelector(".consistent-story-glance");
+  const shown = view && view.getClientRects().length > 0 && view.value !== "";
+  const inNode = !vue || !!view?.closest(`[data-node-id="${id}"]`);
+  return shown && inNode ? view.value : null;
+}
+"""
+
+
+def test_story_at_a_glance_shows_each_panels_role_while_editing(frontend, shots_dir, browser_report):
+    """The switch shows each panel's role and final prompt from the pack's parser (the server's
+    route), follows the story as it is edited, shows the parser's message for a bad story, and
+    is shown in the Vue nodes mode too."""
+    page, console = frontend
+    open_templates(page)
+    load_template(page, QUEUED)
+    node_id = page.evaluate(BADGE_JS, [STORY_NODE, "/"])["id"]
+    since = console.mark()
+    fit_view(page, 0.8, [node_id], settle_s=REDRAW_S)
+
+    def shown(text: str, vue: bool = False) -> None:
+        page.wait_for_function(f"(args) => ({GLANCE_TEXT_JS})(args) === {json.dumps(text)}", arg=[node_id, vue])
+
+    page.evaluate(GLANCE_SWITCH_JS, [node_id, True])
+    page.evaluate(SET_WIDGETS_JS, {node_id: {"story": BOB_AND_ALICE, "style": "No style", "panels": "",
+                                             "identity_panels": 2}})  # fmt: skip
+    shown("\n".join(BOB_AND_ALICE_AT_A_GLANCE))
+    shoot(page, shots_dir, "story_at_a_glance", browser_report)
+    page.evaluate(SET_WIDGETS_JS, {node_id: {"story": "[Bob] a man\n[Bob] and [Eve] talk"}})
+    refused = f"(args) => ({GLANCE_TEXT_JS})(args)?.startsWith('⚠ Story line 2: ')"  # the parser's message
+    page.wait_for_function(refused, arg=[node_id, False])
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    if tuple(int(part) for part in version.split(".")[:2]) >= VUE_NODES_SINCE:
+        page.evaluate(SET_WIDGETS_JS, {node_id: {"story": BOB_AND_ALICE}})
+        page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, True])
+        try:
+            shown("\n".join(BOB_AND_ALICE_AT_A_GLANCE), vue=True)
+            shoot(page, shots_dir, "story_at_a_glance_vue_nodes", browser_report)
+        finally:
+            page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, False])
+    page.evaluate(GLANCE_SWITCH_JS, [node_id, False])
+    page.wait_for_function("() => !document.querySelector('.consistent-story-glance')")
+    assert console.pack_errors(since) == []
+    assert [w for w in console.warnings(since) if any(marker in w for marker in PACK_MARKERS)] == []
+
+
+# The texts a node draws in its foreground pass while the canvas really draws the graph.
+FOREGROUND_TEXTS_JS = """
+(id) => {
+  const node = app.graph.getNodeById(id);
+  const draw = node.onDrawForeground;
+  const drawn = [];
+  node.onDrawForeground = function (ctx, ...rest) {
+    const fillText = ctx.fillText;
+    ctx.fillText = function (text, ...args) { drawn.push(String(text)); return fillText.call(this, text, ...args); };
+    try { return draw?.call(this, ctx, ...rest); } finally { delete ctx.fillText; }
+  };
+  try { app.canvas.draw(true, true); } finally { node.onDrawForeground = draw; }
+  const slot = node.inputs.findIndex((i) => i.name === "captions");
+  return { drawn, connected: node.isInputConnected(slot) };
+}
+"""
+VUE_NODE_TEXT_JS = "(id) => document.querySelector(`[data-node-id=\"${id}\"]`)?.innerText ?? null"
+
+
+def test_comic_pages_connected_captions_input_is_named(frontend, shots_dir, browser_report):
+    """Comic Page's captions wired from Story Prompts: the canvas names the slot (the frontend
+    hides the multiline box and leaves a widget's slot unlabelled); Vue nodes name it too."""
+    page, console = frontend
+    open_templates(page)
+    load_template(page, QUEUED)
+    node_id = page.evaluate(f"() => app.graph.nodes.find((n) => n.type === '{COMIC_PAGE}').id")
+    fit_view(page, 0.8, [node_id], settle_s=REDRAW_S)
+    foreground = page.evaluate(FOREGROUND_TEXTS_JS, node_id)
+    assert foreground == {"drawn": ["captions"], "connected": True}
+    shoot(page, shots_dir, "comic_page_captions", browser_report)
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    if tuple(int(part) for part in version.split(".")[:2]) >= VUE_NODES_SINCE:
+        page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, True])
+        try:
+            page.wait_for_function(f"(id) => ({VUE_NODE_TEXT_JS})(id)?.split('\\n').includes('captions')", arg=node_id)
+        finally:
+            page.evaluate(SET_SETTING_JS, [VUE_NODES_SETTING, False])
     assert console.pack_errors() == []
 
 

@@ -4,16 +4,19 @@ Expected node ids come from the pack itself (its extension's ``get_node_list``);
 ``/object_info`` is what the frontend shows.
 """
 import asyncio
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
 
 from harness.pack import load_pack
 from harness.server import PACK_LINK_NAME
+from harness.stories import ALICE, BOB, BOB_AND_ALICE, BOB_AND_ALICE_AT_A_GLANCE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.server]
@@ -105,3 +108,30 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# The editor's "story at a glance" (web/story_glance.js) asks the server's parser, not a copy.
+SUMMARY_ROUTE = "/api/consistent_story/summary"  # as the frontend's api.fetchApi calls it
+
+
+def test_summary_route_gives_each_panels_role_and_final_prompt(comfy_server):
+    values = {"story": BOB_AND_ALICE, "style": "No style", "custom_style": "", "panels": "", "identity_panels": 2}
+    assert json.loads(comfy_server.request(SUMMARY_ROUTE, values))["rows"] == BOB_AND_ALICE_AT_A_GLANCE
+    # panels and identity_panels as the node's widgets give them; the style wraps every prompt.
+    part = dict(values, style="Comic book", panels="5", identity_panels=1)
+    rows = json.loads(comfy_server.request(SUMMARY_ROUTE, part))["rows"]
+    assert rows[:2] == ["7 panels · 2 characters · draws 3 of them", "identity panels: Bob 1; Alice 2"]
+    assert rows[2].startswith(f"1. identity of Bob, reads nobody: comic book panel of {BOB} walks in the park, ")
+    assert rows[4].startswith(f"3. reads Bob 1 (not drawn): comic book panel of {BOB} runs to the station, ")
+
+
+def test_summary_route_answers_a_bad_story_with_the_parsers_message(comfy_server):
+    bad = {"story": "[Bob] a man\n[Bob] and [Eve] talk", "style": "No style", "custom_style": "", "panels": "",
+           "identity_panels": 2}  # fmt: skip
+    error = json.loads(comfy_server.request(SUMMARY_ROUTE, bad))["error"]
+    assert error.startswith("Story line 2: ") and "[Eve]" in error, error
+    too_far = dict(bad, story="[Bob] a man\n[Bob] sits", panels="3")
+    assert "'3' is outside" in json.loads(comfy_server.request(SUMMARY_ROUTE, too_far))["error"]
+    with pytest.raises(urllib.error.HTTPError) as refused:  # not what the editor sends: a 400 naming the fields
+        comfy_server.request(SUMMARY_ROUTE, dict(bad, identity_panels="2"))
+    assert refused.value.code == 400 and "identity_panels" in json.loads(refused.value.read())["error"]
