@@ -11,7 +11,7 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     from .nodes.extension import ConsistentStoryExtension
-    from .nodes.summary_route import add_summary_route
+    from .nodes.host.summary_route import add_summary_route
 
     add_summary_route()  # the editor's "story at a glance" (web/consistent_story.js)
     return ConsistentStoryExtension()

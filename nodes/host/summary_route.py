@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .story_prompts import DEFAULT_STYLE, parse_story
-from .story_summary import story_summary
+from ..story.story_prompts import DEFAULT_STYLE, parse_story
+from ..story.story_summary import story_summary
 
 SUMMARY_PATH = "/consistent_story/summary"
 TEXT_FIELDS = ("story", "style", "custom_style", "panels")
