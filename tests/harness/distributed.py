@@ -20,6 +20,7 @@ DEFAULT_ENGINE = Path("~/comfy/ComfyUI-Distributed").expanduser()
 ENGINE_FOLDER = "ComfyUI-Distributed"
 ENGINE_FILES = ("distributed.py", "nodes/collector.py", "api/orchestration/prompt_transform.py")
 WORKER_ID = "1"
+TESTED_COMMIT = "a91f9fb081eb5fc27db429a7c3f35d2ef7ce4a50"  # 2026-04-08, v1.4.4; as scripts/setup.sh
 
 
 def find_engine() -> Path:
@@ -29,9 +30,10 @@ def find_engine() -> Path:
     missing = [name for name in ENGINE_FILES if not (path / name).is_file()]
     if missing:
         raise ServerError(
-            f"ComfyUI-Distributed was not found at {path} ({', '.join(missing)} missing; "
-            f"{'$' + ENGINE_ENV if configured else 'set ' + ENGINE_ENV + ' or use the default place'}). Put a checkout "
-            f"there: git clone https://github.com/robertvoy/ComfyUI-Distributed {DEFAULT_ENGINE}"
+            f"ComfyUI-Distributed was not found at {path} (from {'$' + ENGINE_ENV if configured else 'the default place'}"
+            f"; {', '.join(missing)} missing). Put a checkout there (tested at commit {TESTED_COMMIT}): "
+            f"git clone https://github.com/robertvoy/ComfyUI-Distributed {path}, or set {ENGINE_ENV} to one "
+            "(bash scripts/setup.sh fetches it to ~/comfy/ComfyUI-Distributed)."
         )
     return path
 

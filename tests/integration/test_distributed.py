@@ -1,29 +1,35 @@
 """A story spread over two ComfyUI servers by ComfyUI-Distributed gives the pages one server gives.
 
 Two real servers on loopback (a master and a worker, tests/harness/distributed.py), a random-weight
-SD1.5 checkpoint, the CPU. The engine's Distributed Value gives each server its Story Prompts
-``panels`` (master 1-4, worker 5-7); each server tags its decoded panels (Tag Story Part), the
-engine's Distributed Collector brings the worker's to the master, Join Story Parts puts them in
-story order and Comic Page lays them out: the same pages, to the bit, as one server's whole run.
+SD1.5 checkpoint, the CPU. The shipped workflow (workflows/ComfyUI-Distributed/) runs as the
+engine runs it: its Distributed Value gives each server its Story Prompts ``panels`` (master 1-4,
+worker 5-7), each server tags its decoded panels (Tag Story Part), the engine's Distributed
+Collector brings the worker's part to the master, Join Story Parts puts the parts in story order
+and Comic Page lays them out. The reference is the same workflow as one server runs a whole story:
+the parts' nodes taken out, Story Prompts' panels empty, the decoded panels straight into Comic Page.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from harness.distributed import WORKER_ID, queue_distributed, start_pair
+from harness.pack import load_pack
 from harness.server import ServerError
-from test_story_attention import STORY  # Bob and Alice, 7 panels; identity panels Bob 1, 3; Alice 2, 6
+from harness.workflow import COMIC_PAGE, WORKFLOW_DIR, load_workflow, nodes_of_type, set_widgets, ui_to_api
 
 pytestmark = [pytest.mark.integration, pytest.mark.server]
 
-MASTER_PANELS, WORKER_PANELS = "1-4", "5-7"
-MASTER_ROWS, WORKER_ROWS = 5, 6  # with their identity panels: 1-4 + 6; 5-7 + 1, 2, 3
+WORKFLOW = WORKFLOW_DIR / "ComfyUI-Distributed" / "Story across servers (SD1.5).json"
+PART_NODES = ("DistributedValue", "ConsistentStoryTagPart", "DistributedCollector", "ConsistentStoryJoinParts")
+SIZE, STEPS = 64, 1  # 512 px panels in the file: pages and gutters scaled alike
 
 
 @pytest.fixture(scope="module")
@@ -40,42 +46,38 @@ def servers(comfy, tmp_path_factory):
         worker.stop()
 
 
-def story_prompt(ckpt_name: str, name: str, parts: dict | None = None) -> dict:
-    """The story graph as an API prompt: one server's whole run, or with ``parts`` ({"master": panels,
-    "1": worker 1's panels}) the distributed one (Distributed Value -> panels; Tag Story Part ->
-    Distributed Collector -> Join Story Parts -> Comic Page)."""
-    prompt = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-        "story": {"class_type": "ConsistentStoryPrompts", "inputs": {
-            "clip": ["ckpt", 1], "story": STORY, "style": "No style", "negative": "blurry", "panels": ""}},
-        "latent": {"class_type": "ConsistentStoryLatent", "inputs": {"story": ["story", 4], "width": 64, "height": 64}},
-        "csa": {"class_type": "ConsistentStorySelfAttention", "inputs": {
-            "model": ["ckpt", 0], "rate_fine": 0.5, "rate_coarse": 0.5, "window": 0, "blocks": "output",
-            "custom_blocks": "", "schedule": "official", "start_percent": 0.0, "end_percent": 1.0, "seed": 4,
-            "story": ["story", 4], "panels_per_call": 1}},
-        "sampler": {"class_type": "KSampler", "inputs": {
-            "model": ["csa", 0], "positive": ["story", 0], "negative": ["story", 1], "latent_image": ["latent", 0],
-            "seed": 3, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
-        "page": {"class_type": "ConsistentStoryComicPage", "inputs": {
-            "images": ["decode", 0], "captions": "", "layout": "grid", "columns": 4, "seed": 0,
-            "reading_order": "left to right", "page_width": 320, "panels_per_page": 4, "gutter": 4, "margin": 4,
-            "caption_font_size": 0, "background_color": "#FFFFFF", "story": ["story", 4], "name": name}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["page", 0], "filename_prefix": name}},
-    }
-    if parts is not None:
-        workers = {key: value for key, value in parts.items() if key != "master"}
-        prompt.update({
-            "panels": {"class_type": "DistributedValue", "inputs": {
-                "default_value": parts["master"], "worker_values": json.dumps(workers)}},
-            "tag": {"class_type": "ConsistentStoryTagPart", "inputs": {"story": ["story", 4], "images": ["decode", 0]}},
-            "collect": {"class_type": "DistributedCollector", "inputs": {"images": ["tag", 0], "load_balance": False}},
-            "join": {"class_type": "ConsistentStoryJoinParts", "inputs": {"story": ["story", 4], "images": ["collect", 0]}},
-            "master part": {"class_type": "PreviewImage", "inputs": {"images": ["tag", 0]}},
-        })
-        prompt["story"]["inputs"]["panels"] = ["panels", 0]
-        prompt["page"]["inputs"].update(images=["join", 0], story=["join", 1])
+def shipped_prompt(master, ckpt_name: str) -> dict:
+    """The workflow file as the master's frontend would queue it, on the test checkpoint, small and short."""
+    prompt = ui_to_api(load_workflow(WORKFLOW), master.object_info())
+    set_widgets(prompt, "CheckpointLoaderSimple", ckpt_name=ckpt_name)
+    set_widgets(prompt, "ConsistentStoryLatent", width=SIZE, height=SIZE)
+    set_widgets(prompt, "KSampler", steps=STEPS)
+    set_widgets(prompt, COMIC_PAGE, page_width=192, gutter=2, margin=3)
     return prompt
+
+
+def one_server(prompt: dict) -> dict:
+    """The same story drawn whole on one server: no parts, the decoded panels straight into Comic Page."""
+    prompt = copy.deepcopy(prompt)
+    (tag,) = nodes_of_type(prompt, "ConsistentStoryTagPart").values()
+    for node_id in [i for i, node in prompt.items() if node["class_type"] in PART_NODES]:
+        del prompt[node_id]
+    for node in nodes_of_type(prompt, "ConsistentStoryPrompts").values():
+        node["inputs"]["panels"] = ""  # was the Distributed Value's link
+    for node in nodes_of_type(prompt, COMIC_PAGE).values():
+        node["inputs"].update(images=tag["inputs"]["images"], story=tag["inputs"]["story"])  # were Join's links
+    return prompt
+
+
+def drawn_rows(prompt: dict, part: str) -> int:
+    """Panels a part draws: its panels and the identity panels of the characters they name."""
+    load_pack()
+    from consistent_story.nodes.story_prompts import parse_story
+
+    (story,) = nodes_of_type(prompt, "ConsistentStoryPrompts").values()
+    inputs = story["inputs"]
+    parsed = parse_story(inputs["story"], inputs["style"], inputs["custom_style"], inputs["negative"])
+    return len(parsed.select(part, inputs["identity_panels"]).drawn)
 
 
 def pixels(server, entry: dict, node: str) -> list[np.ndarray]:
@@ -100,19 +102,28 @@ def test_two_servers_give_the_pages_of_one(servers, checkpoints):
     checkpoints["sd15_small"]  # built on first use
     ckpt = master.add_checkpoint(checkpoints.path("sd15_small"))
     assert worker.add_checkpoint(checkpoints.path("sd15_small")) == ckpt
+    shipped = shipped_prompt(master, ckpt)
+    (value,) = nodes_of_type(shipped, "DistributedValue").values()
+    parts = {"master": value["inputs"]["default_value"], **json.loads(value["inputs"]["worker_values"])}
+    assert (parts["master"], parts[WORKER_ID]) == ("1-4", "5-7"), "the file splits its 7 panels over two servers"
 
-    one = master.run(story_prompt(ckpt, "one server"))
-    parts = {"master": MASTER_PANELS, WORKER_ID: WORKER_PANELS}
-    two = master.wait(queue_distributed(master, story_prompt(ckpt, "two servers", parts)))
+    reference = one_server(shipped)
+    set_widgets(reference, COMIC_PAGE, name="one server")
+    one = master.run(reference)
+    set_widgets(shipped, COMIC_PAGE, name="two servers")  # no saved panel of the reference run is read
+    (tag_id,) = nodes_of_type(shipped, "ConsistentStoryTagPart")
+    shipped["master part"] = {"class_type": "PreviewImage", "inputs": {"images": [tag_id, 0]}}
+    two = master.wait(queue_distributed(master, shipped))
     assert two["status"]["status_str"] == "success", two["status"]
 
     worker_entry = worker_history(worker)
     assert worker_entry["status"]["status_str"] == "success", worker_entry["status"]
-    worker_preview = next(iter(worker_entry["outputs"].values()))  # the engine's preview of the worker's part
-    assert len(worker_preview["images"]) == 1 + WORKER_ROWS, "the worker drew panels 5-7 and their identity panels"
-    assert len(pixels(master, two, "master part")) == 1 + MASTER_ROWS, "the master drew panels 1-4 and panel 6"
+    worker_part = next(iter(worker_entry["outputs"].values()))  # the engine's preview of the worker's part
+    assert len(worker_part["images"]) == 1 + drawn_rows(shipped, parts[WORKER_ID]), "the worker drew 5-7 (+ ids)"
+    assert len(pixels(master, two, "master part")) == 1 + drawn_rows(shipped, parts["master"]), "the master: 1-4"
 
-    expected, pages = pixels(master, one, "save"), pixels(master, two, "save")
-    assert len(pages) == len(expected) == 2
+    (page_id,) = nodes_of_type(shipped, "SaveImage")
+    expected, pages = pixels(master, one, page_id), pixels(master, two, page_id)
+    assert len(pages) == len(expected) >= 1
     for page, same in zip(pages, expected):
         assert np.array_equal(page, same), "the pages of two servers are those of one, to the bit"
