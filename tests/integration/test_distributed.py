@@ -14,7 +14,6 @@ import copy
 import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
