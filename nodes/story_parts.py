@@ -43,11 +43,11 @@ def tag_part(story, images: torch.Tensor) -> torch.Tensor:
     """``images`` (row i = ``story.drawn_panels[i]``) as one part: a header row, then the panels
     as 8-bit values."""
     drawn = story.drawn if story.drawn is not None else tuple(range(len(story.panels)))
-    if images.ndim != 4 or images.shape[0] != len(drawn):
-        raise ValueError(f"images holds {images.shape[0] if images.ndim == 4 else 'no batch of'} pictures but Story "
-                         f"Prompts draws {len(drawn)} panels: connect the decoded panels of the sampler that takes "
-                         "this story's prompts (VAE Decode after it), nothing in between.")
-    pixels = to_rgb_uint8(images)
+    pixels = to_rgb_uint8(images)  # refuses anything but an IMAGE batch
+    if len(pixels) != len(drawn):
+        raise ValueError(f"images holds {len(pixels)} pictures but Story Prompts draws {len(drawn)} panels: connect "
+                         "the decoded panels of the sampler that takes this story's prompts (VAE Decode after it), "
+                         "nothing in between.")
     body = MARKER + story_digest(story) + len(drawn).to_bytes(INDEX_BYTES, "big")
     body += b"".join(index.to_bytes(INDEX_BYTES, "big") for index in drawn)
     capacity = pixels[0].size
