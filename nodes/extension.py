@@ -6,9 +6,9 @@ schema on v0.3.64 and v0.33.
 """
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import nodes_character, nodes_comic, nodes_consistent_attention, nodes_story
+from . import nodes_character, nodes_comic, nodes_consistent_attention, nodes_parts, nodes_story
 
-NODE_MODULES = (nodes_consistent_attention, nodes_story, nodes_character, nodes_comic)
+NODE_MODULES = (nodes_consistent_attention, nodes_story, nodes_character, nodes_comic, nodes_parts)
 
 
 class ConsistentStoryExtension(ComfyExtension):

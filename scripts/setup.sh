@@ -86,4 +86,16 @@ then
   say "installing torchaudio 2.11.1 (without dependencies) for ComfyUI >= 0.8"
   "$py" -m pip install --isolated --quiet --no-deps torchaudio==2.11.1
 fi
+# ComfyUI-Distributed, the engine tests/integration/test_distributed.py spreads a story over two
+# servers with (its source only: pure Python on ComfyUI's own packages). Found at
+# $COMFYUI_DISTRIBUTED_PATH or ~/comfy/ComfyUI-Distributed; fetched there at the tested commit if absent.
+distributed_dir="${COMFYUI_DISTRIBUTED_PATH:-$HOME/comfy/ComfyUI-Distributed}"
+distributed_commit=a91f9fb081eb5fc27db429a7c3f35d2ef7ce4a50
+if [ ! -f "$distributed_dir/nodes/collector.py" ]; then
+  say "ComfyUI-Distributed not found; cloning it into $distributed_dir"
+  if ! { git clone --quiet https://github.com/robertvoy/ComfyUI-Distributed "$distributed_dir" &&
+         git -C "$distributed_dir" checkout --quiet "$distributed_commit"; } >&2; then
+    say "could not fetch ComfyUI-Distributed (no internet access?): put a checkout of commit $distributed_commit at $distributed_dir or set COMFYUI_DISTRIBUTED_PATH; test_distributed.py fails without it."
+  fi
+fi
 echo "$py"

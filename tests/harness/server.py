@@ -66,8 +66,9 @@ def prepare_base(base: Path, pack_dir: Path) -> None:
 class ComfyServer:
     """One ``main.py`` process; ``start()`` returns once it answers HTTP with the pack loaded."""
 
-    def __init__(self, comfy_dir: Path, base: Path, pack_dir: Path = comfy_host.PACK_ROOT):
+    def __init__(self, comfy_dir: Path, base: Path, pack_dir: Path = comfy_host.PACK_ROOT, env: dict | None = None):
         self.comfy_dir = Path(comfy_dir)
+        self.env = dict(env or {})  # added to this process's environment for the server
         self.base = Path(base)
         self.pack_dir = Path(pack_dir)
         self.port = free_port()
@@ -87,7 +88,7 @@ class ComfyServer:
 
     def start(self) -> "ComfyServer":
         prepare_base(self.base, self.pack_dir)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", **self.env)
         began = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
