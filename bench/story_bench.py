@@ -54,8 +54,8 @@ class CallTimer:
         options = kwargs.get("transformer_options") or args[-1]
         state = options.get(self.state_key)
         kind = "plain"
-        if state is not None and state.story is not None:
-            cast = state.story.cast
+        if state is not None and state.story_call is not None:
+            cast = state.story_call.cast
             if cast.reference_panels and set(state.panels) <= set(cast.reference_panels):
                 kind = "reference"
             else:
@@ -71,8 +71,8 @@ class CallTimer:
             out = executor(*args, **kwargs)
             end = time.perf_counter()
         self.marks.append((kind, rows, start, end))
-        if state is not None and state.story is not None:
-            self.bank_bytes = max(self.bank_bytes, state.story.bank_peak)
+        if state is not None and state.story_call is not None:
+            self.bank_bytes = max(self.bank_bytes, state.story_call.bank_peak)
         return out
 
     def take(self) -> list[tuple[str, int, float]]:

@@ -15,7 +15,8 @@ Batch and story mode are the UNet patch's (one engine); only the marking and the
 from __future__ import annotations
 
 from ...attention import ConsistentAttentionError
-from .csa_patch import STATE_KEY, ConsistentAttentionPatch
+from .csa_call import STATE_KEY, CallRunner
+from .csa_patch import ConsistentAttentionPatch
 from .dit_families import DiTFamily
 
 KEY_POSITIONS = ("shifted", "as is")
@@ -68,6 +69,21 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
             marker = BlockMarker((blocks.kind, index), replaced.get((blocks.replace_name, index)))
             model.set_model_patch_replace(marker, "dit", blocks.replace_name, index)
 
+    def make_runner(self) -> "DiTCallRunner":
+        return DiTCallRunner(self.config, self.cast, self.kernels, self.family, self.geometry, self.key_positions,
+                             self.chosen)
+
+
+class DiTCallRunner(CallRunner):
+    """Runs a DiT's calls through CSA: the family's token layout, its blocks all reached."""
+
+    def __init__(self, config, cast, kernels, family: DiTFamily, geometry, key_positions: str, chosen: frozenset):
+        super().__init__(config, cast, kernels)
+        self.family = family
+        self.geometry = geometry
+        self.key_positions = key_positions
+        self.chosen = chosen
+
     def check_reached(self, state) -> None:
         missing = self.chosen - state.reached
         if missing:
@@ -78,7 +94,7 @@ class DiTAttentionPatch(ConsistentAttentionPatch):
                 "(patches_replace). Put Consistent Self-Attention after that node, or leave those blocks out."
             )
 
-    def call_layout(self, x, kwargs: dict):
+    def layout(self, x, kwargs: dict):
         patch_size, rope, padding = self.geometry
         return self.family.call_layout(patch_size, rope if self.key_positions == "shifted" else None, x, kwargs, padding)
 

@@ -207,7 +207,7 @@ def test_shifted_keys_are_the_familys_rope_one_image_width_right(comfy, dit):
     rows, columns = patch_grid(*latent(name).shape[-2:], diffusion_model.patch_size)
     patched = patch(comfy, model, key_positions="shifted")
     csa = csa_of(patched)
-    layout = csa.call_layout(latent(name), {})
+    layout = csa.runner.layout(latent(name), {})
     assert layout.image == rows * columns and csa.geometry[1].axes_dim == tuple(axes)
     assert csa.geometry[1].theta == theta
     ids = torch.zeros(1, rows * columns, len(axes))

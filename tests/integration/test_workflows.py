@@ -232,15 +232,15 @@ def csa_calls(comfy, monkeypatch):
     import sys
 
     node = comfy.NODE_CLASS_MAPPINGS["ConsistentStorySelfAttention"]
-    patch_module = sys.modules[node.__module__.rpartition(".")[0] + ".host.csa_patch"]
-    original, calls = patch_module.ConsistentAttentionPatch.run, []
+    call_module = sys.modules[node.__module__.rpartition(".")[0] + ".host.csa_call"]
+    original, calls = call_module.CallRunner.run, []
 
     def run(self, executor, *args, options, **kwargs):
         out = original(self, executor, *args, options=options, **kwargs)
-        calls.append(options[patch_module.STATE_KEY].extended)
+        calls.append(options[call_module.STATE_KEY].extended)
         return out
 
-    monkeypatch.setattr(patch_module.ConsistentAttentionPatch, "run", run)
+    monkeypatch.setattr(call_module.CallRunner, "run", run)
     return calls
 
 
