@@ -1,8 +1,8 @@
 """A story under ComfyUI's own multi-GPU sampling ("MultiGPU CFG Split", ComfyUI >= v0.33) equals
 the one-device run, and with CFG 1 its sub-calls spread over the devices the step leaves idle.
 
-The graph is the real one: a checkpoint loaded by CheckpointLoaderSimple, Consistent
-Self-Attention, ComfyUI's MultiGPU CFG Split node (its per-device deep clones, its thread pool, its
+The graph is the real one: a checkpoint loaded by CheckpointLoaderSimple (and a tiny Flux.1 for
+the DiT path), Consistent Self-Attention, ComfyUI's MultiGPU CFG Split node (its per-device deep clones, its thread pool, its
 scheduler), and ComfyUI's KSampler. This CPU-only machine has one torch device; the second is
 ``cpu:1``, a distinct device to ComfyUI's bookkeeping whose tensors live on the CPU. Only the
 host's device list is replaced (``get_all_torch_devices``, read by the node to pick the extra
@@ -28,7 +28,7 @@ SECOND = torch.device("cpu", 1)
 
 
 class SubCallRecord:
-    """DIFFUSION_MODEL wrapper: (device model, thread, panels, cond_or_uncond) of every UNet call."""
+    """DIFFUSION_MODEL wrapper: (device model, panels, cond_or_uncond) of every diffusion-model call."""
 
     def __init__(self):
         self.calls, self.lock = [], threading.Lock()
@@ -72,40 +72,78 @@ def story_model(comfy, loaded):
     return patched, (positive, negative, panels), record, recorded
 
 
-def test_cfg_1_spreads_the_story_over_the_idle_device_and_equals_one_device(comfy, story_model, monkeypatch):
-    patched, inputs, record, vanilla_model = story_model
-    alone = run(comfy, patched, *inputs, cfg=1.0)
+def one_and_two_devices(comfy, story_model, monkeypatch, cfg: float):
+    """The story sampled on one device, then on two; the record holds the two-device run's calls."""
+    patched, inputs, record, _ = story_model
+    alone = run(comfy, patched, *inputs, cfg=cfg)
     record.calls.clear()
-    split = two_devices(comfy, patched, monkeypatch)
-    spread = run(comfy, split, *inputs, cfg=1.0)
-    assert torch.equal(spread, alone), "the story on two devices must equal it on one, bit for bit"
+    both = run(comfy, two_devices(comfy, patched, monkeypatch), *inputs, cfg=cfg)
+    assert torch.equal(both, alone), "the story on two devices must equal it on one, bit for bit"
+    return both
 
-    models = {id(model) for model, _, _ in record.calls}
-    assert len(models) == 2, "CFG 1 leaves the second device idle: the story's sub-calls must use it"
+
+def assert_spread(record, panels: int, steps: int) -> None:
+    """Both devices' model clones ran sub-calls: each the identity panels (its own bank), every other
+    panel once per step on one of them, and each device some of the other panels."""
     by_model: dict = {}
-    for model, panels, _ in record.calls:
-        by_model.setdefault(id(model), []).extend(panels)
-    panels = inputs[2]
-    steps = 2
-    for drawn in by_model.values():  # each device draws the identity panels, for its own bank
+    for model, drawn, _ in record.calls:
+        by_model.setdefault(id(model), []).extend(drawn)
+    assert len(by_model) == 2, "CFG 1 leaves the second device idle: the story's sub-calls must use it"
+    for drawn in by_model.values():
         for panel in IDENTITY_PANELS:
             assert drawn.count(panel) == steps
-    others = [panel for panel in range(panels) if panel not in IDENTITY_PANELS]
-    for panel in others:  # every other panel once per step, on one device or the other
+    for panel in (panel for panel in range(panels) if panel not in IDENTITY_PANELS):
         assert sum(drawn.count(panel) for drawn in by_model.values()) == steps
     assert all(set(drawn) - set(IDENTITY_PANELS) for drawn in by_model.values()), \
         "each device must draw some of the other panels"
+
+
+def test_cfg_1_spreads_the_story_over_the_idle_device_and_equals_one_device(comfy, story_model, monkeypatch):
+    _, inputs, record, vanilla_model = story_model
+    spread = one_and_two_devices(comfy, story_model, monkeypatch, cfg=1.0)
+    assert_spread(record, panels=inputs[2], steps=2)
     vanilla = run(comfy, two_devices(comfy, vanilla_model, monkeypatch), *inputs, cfg=1.0)
     assert not torch.equal(spread, vanilla), "CSA must change the story on two devices"
 
 
-def test_cfg_split_runs_cond_and_uncond_apart_and_equals_one_device(comfy, story_model, monkeypatch):
-    patched, inputs, record, _ = story_model
-    alone = run(comfy, patched, *inputs, cfg=5.0)
+def test_a_flux_story_spreads_over_the_idle_device_and_equals_one_device(comfy, monkeypatch):
+    """The DiT path (Flux.1, CFG 1, its single-stream blocks): the same spread, equal bit for bit.
+    The tiny Flux is built in memory; its ``cached_patcher_init`` (ComfyUI's hook for a custom
+    loader) rebuilds it for the second device, as UNETLoader's reloads a file."""
+    from harness.model_files import tiny_dit
+    from harness.pack import load_pack
+    from test_dit_families import CSA, conditioning, latent
+
+    load_pack()
+    from consistent_story.nodes.story.story_prompts import parse_story
+
+    model = tiny_dit("Flux")
+    model.cached_patcher_init = (tiny_dit, ("Flux",))
+    story = parse_story(STORY, "No style")
+    panels = len(story.panels)
+    record = SubCallRecord()
+    recorded = model.clone()
+    recorded.add_wrapper_with_key("diffusion_model", "test.devices", record)
+    patched = comfy.NODE_CLASS_MAPPINGS["ConsistentStorySelfAttention"].execute(
+        model=recorded, story=story, panels_per_call=1, **{**CSA, "rate_fine": 0.5}).result[0]
+    positive = conditioning("Flux", panels, seed=2)
+
+    def flux_run(model):
+        with torch.inference_mode():
+            return comfy.nodes.common_ksampler(model, 5, 2, 1.0, "euler", "simple", positive, positive,
+                                               {"samples": latent("Flux", panels)})[0]["samples"]
+
+    alone = flux_run(patched)
     record.calls.clear()
-    split = two_devices(comfy, patched, monkeypatch)
-    both = run(comfy, split, *inputs, cfg=5.0)
-    assert torch.equal(both, alone), "CFG split with CSA must equal one device, bit for bit"
+    spread = flux_run(two_devices(comfy, patched, monkeypatch))
+    assert torch.equal(spread, alone), "the Flux story on two devices must equal it on one, bit for bit"
+    assert_spread(record, panels, steps=2)
+    assert not torch.equal(spread, flux_run(model)), "CSA must change the Flux story"
+
+
+def test_cfg_split_runs_cond_and_uncond_apart_and_equals_one_device(comfy, story_model, monkeypatch):
+    record = story_model[2]
+    one_and_two_devices(comfy, story_model, monkeypatch, cfg=5.0)
     chunks_by_model: dict = {}
     for model, panels, cond_or_uncond in record.calls:
         assert len(cond_or_uncond) == 1, "a sub-call never mixes cond with uncond"
