@@ -132,7 +132,7 @@ def probe(csa_patch, variant: str):
     """probe_nosync: ours without the per-call host sync that finds the step (restored afterwards)."""
     saved = csa_patch.current_step
     if variant == "probe_nosync":
-        csa_patch.current_step = lambda options: csa_patch.Step(0, 1)
+        csa_patch.current_step = lambda *args: csa_patch.Step(0, 1)
     try:
         yield
     finally:

@@ -97,6 +97,7 @@ class StoryBench:
         self.device = mm.get_torch_device()
         self.cuda = self.device.type == "cuda"
         self.csa_patch = bench_host.load_host_module()
+        self.csa_call = bench_host.load_host_module("csa_call")
         self.engine = sys.modules[f"{bench_host.PACK_NAME}.attention"]
         self.base = bench_host.build_sdxl(args.tiny)
         self.output_layers = sum(1 for block in self.base.model.diffusion_model.output_blocks
@@ -121,7 +122,7 @@ class StoryBench:
                                                      (reference_images, 0))
             self.csa_patch.ConsistentAttentionPatch(config, cast, per_call, references).install(model)
         self.step_timer = StepTimer(self.cuda)
-        self.call_timer = CallTimer(self.cuda, self.csa_patch.STATE_KEY)
+        self.call_timer = CallTimer(self.cuda, self.csa_call.STATE_KEY)
         model.set_model_unet_function_wrapper(self.step_timer)
         model.add_wrapper_with_key("diffusion_model", "story_bench.timer", self.call_timer)
         if probe is not None:
@@ -147,7 +148,7 @@ class StoryBench:
 
     def verify(self, panels: int, per_call: int) -> dict:
         """One step with a probe after CSA: each sub-call's story attention reached every output layer."""
-        layers_per_call, probe = [], RowsProbe(self.csa_patch.ROWS_KEY)
+        layers_per_call, probe = [], RowsProbe(self.csa_call.ROWS_KEY)
         self.sample(self.model(panels, per_call, probe), panels, 1)
         for kind, rows, _ in self.call_timer.take():
             layers_per_call.append((kind, rows))
