@@ -172,11 +172,21 @@ def test_queued_workflow_shows_its_page_in_the_save_node(frontend, comfy_server,
     assert console.pack_errors(since) == []
 
 
-# Cut the latent's batch_size from panel_count and type a batch instead, as a user might.
+# Give the sampler an Empty Latent Image with a typed batch, as a user might: in place of the
+# shipped workflow's Story Latent (which sets no batch size) the first time, the same one after.
 TYPE_BATCH_JS = """
 (batch) => {
-  const latent = app.graph.nodes.find((n) => n.type === "EmptyLatentImage");
-  const slot = latent.inputs.findIndex((i) => i.name === "batch_size");
+  let latent = app.graph.nodes.find((n) => n.type === "EmptyLatentImage");
+  if (!latent) {
+    const story = app.graph.nodes.find((n) => n.type === "ConsistentStoryLatent");
+    const sampler = app.graph.nodes.find((n) => n.inputs?.some((i) => i.name === "latent_image"));
+    latent = LiteGraph.createNode("EmptyLatentImage");
+    latent.pos = [story.pos[0], story.pos[1]];
+    app.graph.remove(story);
+    app.graph.add(latent);
+    latent.connect(0, sampler, sampler.inputs.findIndex((i) => i.name === "latent_image"));
+  }
+  const slot = latent.inputs?.findIndex((i) => i.name === "batch_size") ?? -1;
   if (slot >= 0 && latent.isInputConnected(slot)) latent.disconnectInput(slot);
   latent.widgets.find((w) => w.name === "batch_size").value = batch;
   app.graph.setDirtyCanvas(true, true);

@@ -158,7 +158,9 @@ def test_conversion_stores_valid_widget_values_under_their_names(sd15, definitio
 def test_conversion_wires_converted_widgets(sd15):
     _, prompt = sd15
     story_id, _ = one(prompt, "ConsistentStoryPrompts")
-    assert one(prompt, "EmptyLatentImage")[1]["inputs"]["batch_size"] == [story_id, 2]
+    latent_id, latent = one(prompt, "ConsistentStoryLatent")
+    assert latent["inputs"]["story"] == [story_id, 4], "one latent per drawn panel, from the story itself"
+    assert one(prompt, "KSampler")[1]["inputs"]["latent_image"] == [latent_id, 0], "straight, keeping batch_index"
     assert one(prompt, "ConsistentStoryComicPage")[1]["inputs"]["captions"] == [story_id, 3]
     csa_id, csa = one(prompt, "ConsistentStorySelfAttention")
     assert one(prompt, "KSampler")[1]["inputs"]["model"] == [csa_id, 0]
@@ -195,12 +197,13 @@ def test_reroute_is_followed_and_primitive_value_used(sd15, definitions):
     ui_node(rerouted, "ConsistentStoryComicPage")["inputs"][0]["link"] = new_link
     assert ui_to_api(rerouted, definitions) == expected
 
-    latent = ui_node(workflow, "EmptyLatentImage")
-    batch_link = latent["inputs"][0]["link"]
-    workflow["nodes"].append({"id": 1001, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [3, "fixed"],
-                              "outputs": [{"name": "INT", "type": "INT", "links": [batch_link], "widget": {"name": "batch_size"}}]})
-    next(link for link in workflow["links"] if link[0] == batch_link)[1:3] = [1001, 0]
-    assert one(ui_to_api(workflow, definitions), "EmptyLatentImage")[1]["inputs"]["batch_size"] == latent["widgets_values"][2]
+    latent = ui_node(workflow, "ConsistentStoryLatent")  # its width widget converted to an input, fed by a primitive
+    width_link = 1002
+    latent["inputs"].append({"name": "width", "type": "INT", "widget": {"name": "width"}, "link": width_link})
+    workflow["nodes"].append({"id": 1001, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [448, "fixed"],
+                              "outputs": [{"name": "INT", "type": "INT", "links": [width_link], "widget": {"name": "width"}}]})
+    workflow["links"].append([width_link, 1001, 0, latent["id"], len(latent["inputs"]) - 1, "INT"])
+    assert one(ui_to_api(workflow, definitions), "ConsistentStoryLatent")[1]["inputs"]["width"] == latent["widgets_values"][0]
 
 
 def test_unknown_node_type_is_named(sd15, definitions):
