@@ -1,7 +1,7 @@
 """Run an example comic workflow headless, in-process, and print the path of the saved page.
 
-    python scripts/run_example.py                  # "workflows/Comic page (SD1.5).json"
-    python scripts/run_example.py --workflow "workflows/Four-panel strip (SDXL).json" --full
+    python scripts/run_example.py                  # "workflows/Consistent Story - Comic page (SD1.5).json"
+    python scripts/run_example.py --workflow "workflows/Consistent Story - Four-panel strip (SDXL).json" --full
 
 The workflow file is converted to an API prompt with the live node definitions of the ComfyUI
 that scripts/comfy_host.py finds (this pack loaded as a custom node) and executed by ComfyUI's
@@ -44,7 +44,7 @@ for path in (REPO_ROOT / "tests", REPO_ROOT / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "Comic page (SD1.5).json"
+DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "Consistent Story - Comic page (SD1.5).json"
 # Where random-weight stand-ins are built once; $CONSISTENT_STORY_CACHE moves it (tests share theirs).
 RANDOM_CHECKPOINT_DIR = Path(os.environ.get("CONSISTENT_STORY_CACHE", "~/.cache/consistent-story")).expanduser() / "checkpoints"
 

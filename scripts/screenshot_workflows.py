@@ -1,7 +1,7 @@
 """Load the shipped example workflows in ComfyUI's real frontend and save a picture of each graph.
 
     python scripts/screenshot_workflows.py                 # both workflows -> docs/workflow_*.png
-    python scripts/screenshot_workflows.py --output-dir /tmp/shots "workflows/Comic page (SD1.5).json"
+    python scripts/screenshot_workflows.py --output-dir /tmp/shots "workflows/Consistent Story - Comic page (SD1.5).json"
 
 A real ComfyUI server (tests/harness/server.py: ``main.py --cpu`` on 127.0.0.1, throwaway base
 directory, this pack linked into custom_nodes) serves the frontend; headless Debian Chromium,
@@ -11,7 +11,7 @@ error while loading or while loading this pack's web extension, the extension
 ``ConsistentStory.PanelCount`` is absent, or the Story Prompts node's badge does not read the
 panel and character counts that the pack's own parser (nodes/story_prompts.py) finds.
 The graph is then fitted to the view and the page saved as ``workflow_<name>.png``
-("Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``): a 1600x900 page at pixel ratio 2, so the
+("Consistent Story - Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``): a 1600x900 page at pixel ratio 2, so the
 3200x1800 PNG keeps node text legible although the whole graph fits at about 45 % zoom.
 
 Needs, besides the project's environment (ComfyUI and its requirements), Debian's Chromium and
@@ -40,7 +40,8 @@ from harness.browser import (
 from harness.server import ComfyServer
 from harness.workflow import workflow_id
 
-DEFAULT_WORKFLOWS = [REPO_ROOT / "workflows" / "Comic page (SD1.5).json", REPO_ROOT / "workflows" / "Four-panel strip (SDXL).json"]
+DEFAULT_WORKFLOWS = [REPO_ROOT / "workflows" / f"Consistent Story - {title}.json"
+                     for title in ("Comic page (SD1.5)", "Four-panel strip (SDXL)")]
 
 # Loads one workflow as a file dropped on the canvas would be (the tests go through the template
 # browser instead). Missing models are expected: no weights ship with the pack.
@@ -64,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def picture_name(workflow: Path) -> str:
-    """"Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``."""
+    """"Consistent Story - Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``."""
     return f"workflow_{workflow_id(workflow)}.png"
 
 

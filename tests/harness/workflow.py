@@ -42,7 +42,10 @@ LATENT_NODES = (STORY_LATENT, "EmptyLatentImage", "EmptySD3LatentImage", "EmptyF
 COMIC_PAGE_LENGTHS = {"page_width": 64, "gutter": 1, "margin": 1, "caption_font_size": 8}  # pixels, and their least
 WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 # The shipped workflows are named by their titles: ComfyUI's template browser shows a custom
-# node's template under its file name (no other metadata), with the .jpg of the same name.
+# node's template under its file name (no other metadata), with the .jpg of the same name. Each
+# name starts with the pack's name, as frontend 1.58's template search reads only the file name:
+# "consistent" finds them all.
+TITLE_PREFIX = "Consistent Story - "
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 # The CPU test checkpoint standing in for each workflow's model family, by workflow_id.
 TEST_CHECKPOINT = {"comic_page_sd1_5": "sd15_small", "four_panel_strip_sdxl": "vega_small",
@@ -55,9 +58,9 @@ TEST_CHECKPOINT = {"comic_page_sd1_5": "sd15_small", "four_panel_strip_sdxl": "v
 
 
 def workflow_id(path: Path | str) -> str:
-    """A shipped workflow's short id, for test ids, ``-k`` filters and file names:
-    "Comic page (SD1.5).json" -> "comic_page_sd1_5"."""
-    title = Path(path).name.removesuffix(".json")  # not .stem: "(SD1.5)" holds a dot
+    """A shipped workflow's short id, for test ids, ``-k`` filters and file names, without the
+    pack's name: "Consistent Story - Comic page (SD1.5).json" -> "comic_page_sd1_5"."""
+    title = Path(path).name.removesuffix(".json").removeprefix(TITLE_PREFIX)  # not .stem: "(SD1.5)" holds a dot
     return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from harness.checkpoints import release_memory
 from harness.workflow import (
-    BYPASSED, MUTED, TEST_CHECKPOINT, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow,
+    BYPASSED, MUTED, TEST_CHECKPOINT, TITLE_PREFIX, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow,
     node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, widget_inputs, workflow_id, workflow_node_types,
 )
 from harness.workflow_models import (
@@ -52,7 +52,7 @@ def definitions(comfy):
 @pytest.fixture()
 def sd15(definitions):
     """The shipped SD1.5 workflow and its conversion."""
-    workflow = load_workflow(WORKFLOW_DIR / "Comic page (SD1.5).json")
+    workflow = load_workflow(WORKFLOW_DIR / "Consistent Story - Comic page (SD1.5).json")
     return workflow, ui_to_api(workflow, definitions)
 
 
@@ -61,9 +61,12 @@ def sd15(definitions):
 # ----------------------------------------------------------------------------------------------
 def test_workflows_exist_and_each_has_a_test_checkpoint():
     assert WORKFLOWS, f"no workflows in {WORKFLOW_DIR}"
-    # The template browser titles a custom node's template with its file name: a title, not a slug.
+    # The template browser titles a custom node's template with its file name: a title, not a slug,
+    # which starts with the pack's name (frontend 1.58's template search reads only the file name).
     slugs = [path.name for path in WORKFLOWS if " " not in path.stem or not path.stem[0].isupper()]
-    assert slugs == [], "name workflows by their titles, e.g. 'Comic page (SD1.5).json'"
+    assert slugs == [], "name workflows by their titles, e.g. 'Consistent Story - Comic page (SD1.5).json'"
+    unnamed = [path.name for path in WORKFLOWS if not path.name.startswith(TITLE_PREFIX)]
+    assert unnamed == [], f"start each workflow's name with {TITLE_PREFIX!r}: the template search finds it by that"
     unthumbed = [path.name for path in WORKFLOWS if not path.with_suffix(".jpg").is_file()]
     assert unthumbed == [], "each template needs its .jpg thumbnail"
     missing = [path.name for path in WORKFLOWS if workflow_id(path) not in TEST_CHECKPOINT]
@@ -325,7 +328,7 @@ def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph
 
 
 def test_the_test_lora_patches_every_attention_projection(comfy, checkpoints, released_after):
-    """The random LoRA that stands in for the user's (Character LoRA (SDXL)) is one ComfyUI applies fully."""
+    """The random LoRA that stands in for the user's (Consistent Story - Character LoRA (SDXL)) is one ComfyUI applies fully."""
     import folder_paths
 
     from harness.model_files import build_lora
