@@ -21,9 +21,10 @@ latent batch follows the new panel count (Story Latent, or the workflow's panel_
 --panels "10" (or "3, 9-12") draws only those panels (and the identity panels they read) and
 writes the pages again with the other panels of the last run of the same story in the output
 folder. For that every run gives each panel its own noise (Story Latent, as the shipped workflows
-have it; in place of an Empty Latent Image that takes panel_count in others) and Comic Page saves the panels it lays out, under a name made of
-the workflow, checkpoint, size, steps and seed. A story or
-graph that ComfyUI or the pack refuses ends the run with the node's message and exit code 2.
+have it; in other workflows it replaces the Empty Latent Image that takes panel_count) and Comic
+Page saves the panels it lays out, under a name made of the workflow, checkpoint, size, steps and
+seed. A story or graph that ComfyUI or the pack refuses ends the run with the node's message and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -323,9 +324,9 @@ def story_on_demand(prompt: dict, panels: str, name: str, cpu: bool) -> None:
     panels (for the identity panels Consistent Self-Attention reads), the sampler's latent is Story
     Latent (each panel's own noise, so a part of the story draws the whole run's panels: the shipped
     workflows have it; in a workflow of one's own an Empty Latent Image taking panel_count becomes
-    one, and a Latent Batch Seed Behavior 'random' after it, which would drop that noise, is bypassed:
-    it asks for the same per-panel noise), and Comic Page saves and reads the panels under ``name``. So that a
-    panel's pixels do not depend on which others are drawn with it, panels are decoded one at a time
+    one, and a Latent Batch Seed Behavior 'random' after it, which would drop that noise, is
+    bypassed: it asks for the same per-panel noise), and Comic Page saves and reads the panels under
+    ``name``. So that a panel's pixels do not depend on which others are drawn with it, panels are decoded one at a time
     and, on a CPU (where it costs nothing), Consistent Self-Attention runs one panel per model call
     (an identity group together): every call of a part is then a call of the whole run."""
     from harness.workflow import nodes_of_type
