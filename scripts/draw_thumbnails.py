@@ -1,4 +1,4 @@
-"""Draw the template browser's thumbnails of the example workflows (workflows/<name>.jpg).
+"""Draw the template browser's thumbnails of the example workflows (workflows/Consistent Story - <title>.jpg).
 
     python scripts/draw_thumbnails.py            # every workflow listed in THUMBNAILS
 
@@ -129,7 +129,7 @@ def draw_thumbnail(title: str, subtitle: str, rows: list[int], panels) -> Image.
 def main(argv=None) -> int:
     for name, (title, subtitle, rows, panels) in THUMBNAILS.items():
         assert sum(rows) == len(panels), name
-        path = REPO_ROOT / "workflows" / f"{name}.jpg"
+        path = REPO_ROOT / "workflows" / f"Consistent Story - {name}.jpg"
         draw_thumbnail(title, subtitle, rows, panels).save(path, quality=88)
         print(path)
     return 0

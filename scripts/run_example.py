@@ -1,7 +1,7 @@
 """Run an example comic workflow headless, in-process, and print the path of the saved page.
 
-    python scripts/run_example.py                  # "workflows/Comic page (SD1.5).json"
-    python scripts/run_example.py --workflow "workflows/Four-panel strip (SDXL).json" --full
+    python scripts/run_example.py                  # "workflows/Consistent Story - Comic page (SD1.5).json"
+    python scripts/run_example.py --workflow "workflows/Consistent Story - Four-panel strip (SDXL).json" --full
 
 The workflow file is converted to an API prompt with the live node definitions of the ComfyUI
 that scripts/comfy_host.py finds (this pack loaded as a custom node) and executed by ComfyUI's
@@ -16,14 +16,15 @@ On a CPU, or with random weights, the panels are made small and few steps are ta
 --full is given; the script says so.
 
 --story FILE replaces the workflow's story with the text of FILE (Story Prompts' syntax); the
-latent batch follows the new panel count through the workflow's panel_count link.
+latent batch follows the new panel count (Story Latent, or the workflow's panel_count link).
 
 --panels "10" (or "3, 9-12") draws only those panels (and the identity panels they read) and
 writes the pages again with the other panels of the last run of the same story in the output
-folder. For that every run gives each panel its own noise (Story Latent in place of the Empty Latent
-Image that takes panel_count) and Comic Page saves the panels it lays out, under a name made of
-the workflow, checkpoint, size, steps and seed. A story or
-graph that ComfyUI or the pack refuses ends the run with the node's message and exit code 2.
+folder. For that every run gives each panel its own noise (Story Latent, as the shipped workflows
+have it; in other workflows it replaces the Empty Latent Image that takes panel_count) and Comic
+Page saves the panels it lays out, under a name made of the workflow, checkpoint, size, steps and
+seed. A story or graph that ComfyUI or the pack refuses ends the run with the node's message and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ for path in (REPO_ROOT / "tests", REPO_ROOT / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "Comic page (SD1.5).json"
+DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "Consistent Story - Comic page (SD1.5).json"
 # Where random-weight stand-ins are built once; $CONSISTENT_STORY_CACHE moves it (tests share theirs).
 RANDOM_CHECKPOINT_DIR = Path(os.environ.get("CONSISTENT_STORY_CACHE", "~/.cache/consistent-story")).expanduser() / "checkpoints"
 
@@ -203,7 +204,7 @@ def family_of(prompt: dict, wanted: str) -> str:
     """The family a workflow is made for, from its graph: the class ComfyUI detects in the
     workflow's own checkpoint when it is installed, else the latent size it samples at."""
     import folder_paths
-    from harness.workflow import nodes_of_type
+    from harness.workflow import latent_nodes
 
     if wanted in folder_paths.get_filename_list("checkpoints"):
         detected = model_class(Path(folder_paths.get_full_path("checkpoints", wanted)))
@@ -214,10 +215,11 @@ def family_of(prompt: dict, wanted: str) -> str:
             f"The workflow's checkpoint {wanted} is a {detected or 'model ComfyUI does not detect'}; the main job "
             f"runs {' and '.join(f.label for f in FAMILIES.values())} checkpoints. Open the workflow in ComfyUI instead."
         )
-    latents = [node["inputs"] for node in nodes_of_type(prompt, "EmptyLatentImage").values()]
+    latents = [node["inputs"] for node in latent_nodes(prompt).values()]
     sizes = [(i["width"], i["height"]) for i in latents if not isinstance(i["width"], list) and not isinstance(i["height"], list)]
     if not sizes:
-        raise RunError("The workflow has no Empty Latent Image with a typed size: pass --family sd15 or --family sdxl.")
+        raise RunError("The workflow has no Story Latent or Empty Latent Image with a typed size: pass --family sd15 "
+                       "or --family sdxl.")
     return "sdxl" if max(w * h for w, h in sizes) >= SDXL_LEAST_PIXELS else "sd15"
 
 
@@ -267,7 +269,9 @@ def run(args: argparse.Namespace) -> int:
         say(f"ComfyUI {env.comfy_dir} loaded on {'CPU' if cpu else 'GPU'} in {time.monotonic() - began:.1f} s")
 
         from harness.runner import GraphError, run_prompt
-        from harness.workflow import load_workflow, node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, workflow_node_types
+        from harness.workflow import (
+            latent_nodes, load_workflow, node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, workflow_node_types,
+        )
 
         workflow = load_workflow(args.workflow)
         prompt = ui_to_api(workflow, node_definitions(env.NODE_CLASS_MAPPINGS, workflow_node_types(workflow)))
@@ -289,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if (cpu or random_weights) and not args.full:
             shrink(prompt, args.size, args.steps)
-            latent = next(iter(nodes_of_type(prompt, "EmptyLatentImage").values()))["inputs"]
+            latent = next(iter(latent_nodes(prompt).values()))["inputs"]
             warn(
                 f"QUICK RUN: panels shrunk to {latent['width']}x{latent['height']} px and {args.steps} sampling steps "
                 f"({'CPU' if cpu else 'random weights'}).\nPass --full to keep the workflow's own size and steps."
@@ -317,11 +321,12 @@ PANELS_FOLDER = "consistent_story_panels"
 
 def story_on_demand(prompt: dict, panels: str, name: str, cpu: bool) -> None:
     """Draw ``panels`` of the story ("" = all) and keep every panel findable: Story Prompts draws the
-    panels (for the identity panels Consistent Self-Attention reads), the latent taking panel_count
-    becomes Story Latent (each panel's own noise, so a part of the story draws the whole run's panels;
-    a Latent Batch Seed Behavior 'random' after it would drop that noise and is bypassed: it asks for
-    the same per-panel noise), and Comic Page saves and reads the panels under ``name``. So that a
-    panel's pixels do not depend on which others are drawn with it, panels are decoded one at a time
+    panels (for the identity panels Consistent Self-Attention reads), the sampler's latent is Story
+    Latent (each panel's own noise, so a part of the story draws the whole run's panels: the shipped
+    workflows have it; in a workflow of one's own an Empty Latent Image taking panel_count becomes
+    one, and a Latent Batch Seed Behavior 'random' after it, which would drop that noise, is
+    bypassed: it asks for the same per-panel noise), and Comic Page saves and reads the panels under
+    ``name``. So that a panel's pixels do not depend on which others are drawn with it, panels are decoded one at a time
     and, on a CPU (where it costs nothing), Consistent Self-Attention runs one panel per model call
     (an identity group together): every call of a part is then a call of the whole run."""
     from harness.workflow import nodes_of_type
@@ -373,10 +378,10 @@ def decode_one_at_a_time(prompt: dict) -> None:
 
 def panels_name(workflow: Path, ckpt_name: str, prompt: dict) -> str:
     """Comic Page's folder of saved panels: what the images depend on beside the story."""
-    from harness.workflow import nodes_of_type
+    from harness.workflow import latent_nodes, nodes_of_type
 
     sampler = next(iter(nodes_of_type(prompt, "KSampler").values()), {"inputs": {}})["inputs"]
-    latent = next(iter(nodes_of_type(prompt, "EmptyLatentImage").values()), {"inputs": {}})["inputs"]
+    latent = next(iter(latent_nodes(prompt).values()), {"inputs": {}})["inputs"]
     parts = [workflow.stem, Path(ckpt_name).stem, f"{latent.get('width')}x{latent.get('height')}",
              f"{sampler.get('steps')} steps", f"seed {sampler.get('seed')}"]
     return re.sub(r"[^\w \-]", "-", " ".join(str(part) for part in parts))

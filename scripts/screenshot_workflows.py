@@ -1,7 +1,7 @@
 """Load the shipped example workflows in ComfyUI's real frontend and save a picture of each graph.
 
     python scripts/screenshot_workflows.py                 # both workflows -> docs/workflow_*.png
-    python scripts/screenshot_workflows.py --output-dir /tmp/shots "workflows/Comic page (SD1.5).json"
+    python scripts/screenshot_workflows.py --output-dir /tmp/shots "workflows/Consistent Story - Comic page (SD1.5).json"
 
 A real ComfyUI server (tests/harness/server.py: ``main.py --cpu`` on 127.0.0.1, throwaway base
 directory, this pack linked into custom_nodes) serves the frontend; headless Debian Chromium,
@@ -11,8 +11,13 @@ error while loading or while loading this pack's web extension, the extension
 ``ConsistentStory.PanelCount`` is absent, or the Story Prompts node's badge does not read the
 panel and character counts that the pack's own parser (nodes/story/story_prompts.py) finds.
 The graph is then fitted to the view and the page saved as ``workflow_<name>.png``
-("Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``): a 1600x900 page at pixel ratio 2, so the
-3200x1800 PNG keeps node text legible although the whole graph fits at about 45 % zoom.
+("Consistent Story - Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``): a 1600x900 page at pixel ratio 2, so the
+3200x1800 PNG keeps node text legible although the whole graph fits at about 45 % zoom; it is
+stored with a palette of 256 colours (a screenshot has few), which keeps it under 400 KB.
+
+The checkpoint each workflow names is given an empty stand-in file in the server's
+models/checkpoints, so the picture shows the graph as a user with that model sees it: frontend
+1.58 marks a node whose model file is missing and says so in a toast over the graph.
 
 Needs, besides the project's environment (ComfyUI and its requirements), Debian's Chromium and
 the playwright driver (never `playwright install`): ``bash scripts/setup_browser.sh``. The checks
@@ -40,7 +45,8 @@ from harness.browser import (
 from harness.server import ComfyServer
 from harness.workflow import workflow_id
 
-DEFAULT_WORKFLOWS = [REPO_ROOT / "workflows" / "Comic page (SD1.5).json", REPO_ROOT / "workflows" / "Four-panel strip (SDXL).json"]
+DEFAULT_WORKFLOWS = [REPO_ROOT / "workflows" / f"Consistent Story - {title}.json"
+                     for title in ("Comic page (SD1.5)", "Four-panel strip (SDXL)")]
 
 # Loads one workflow as a file dropped on the canvas would be (the tests go through the template
 # browser instead). Missing models are expected: no weights ship with the pack.
@@ -59,13 +65,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=900)
     parser.add_argument("--pixel-ratio", type=float, default=2.0, help="device pixels per CSS pixel (default: %(default)s)")
-    parser.add_argument("--zoom", type=float, default=0.95, help="share of the view the graph fills (default: %(default)s)")
+    parser.add_argument("--zoom", type=float, default=0.88, help="share of the view the graph fills (default: %(default)s; "
+                        "frontend 1.58 draws its sidebar and top bar over the graph's view)")
     return parser.parse_args(argv)
 
 
 def picture_name(workflow: Path) -> str:
-    """"Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``."""
+    """"Consistent Story - Comic page (SD1.5).json" -> ``workflow_comic_page_sd1_5.png``."""
     return f"workflow_{workflow_id(workflow)}.png"
+
+
+def stand_in_checkpoints(server: ComfyServer, workflows: list[Path]) -> None:
+    """An empty file in the server's models/checkpoints for each checkpoint the workflows name
+    (the server lists it; nothing loads it)."""
+    for workflow in workflows:
+        for node in json.loads(workflow.read_text())["nodes"]:
+            if node["type"] == "CheckpointLoaderSimple":
+                (server.base / "models" / "checkpoints" / node["widgets_values"][0]).touch()
+
+
+def save_small(picture: Path) -> None:
+    """Re-save the screenshot with a palette of its 256 main colours."""
+    from PIL import Image
+
+    with Image.open(picture) as image:
+        small = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(picture, optimize=True)
 
 
 def check_and_shoot(page, workflow: Path, picture: Path, console: Console, zoom: float) -> dict:
@@ -76,6 +101,7 @@ def check_and_shoot(page, workflow: Path, picture: Path, console: Console, zoom:
     summary = check_graph(page, graph, workflow.name, console, since)
     summary["scale"] = round(fit_view(page, zoom), 3)
     page.screenshot(path=str(picture))
+    save_small(picture)
     return {**summary, "picture": picture, "kib": picture.stat().st_size / 1024}
 
 
@@ -94,6 +120,7 @@ def run(args: argparse.Namespace) -> None:
         server = ComfyServer(comfy_dir, Path(base)).start()
         try:
             store_settings(server)
+            stand_in_checkpoints(server, args.workflows)
             print(f"ComfyUI on {server.url} (started in {server.start_seconds:.1f} s)")
             with sync_playwright() as playwright:
                 browser = launch(playwright, args.chromium)

@@ -30,7 +30,7 @@ from harness.workflow_models import by_workflow_on_this_host
 
 pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.browser]
 
-QUEUED = "Comic page (SD1.5)"
+QUEUED = "Consistent Story - Comic page (SD1.5)"
 SIZE, STEPS = 32, 1  # small: this run is about the round trip through the page, not the pictures
 ZOOM = 0.95
 VUE_NODES_SINCE = (1, 30)  # the first frontends with a Vue nodes mode are newer than 1.27
@@ -94,18 +94,21 @@ def test_template_browser_lists_every_workflow_with_its_thumbnail(frontend, comf
 
 
 def test_template_search_finds_the_packs_workflows(frontend):
-    """The search box finds the pack's comic workflows by their names, in its folder and in
-    the whole browser."""
+    """The search box finds the pack's workflows by their names, in its folder and in the whole
+    browser: the comic ones by "comic", every one by "consistent" (frontend 1.58 searches the file
+    name only, which starts with the pack's name)."""
     page, console = frontend
     names = open_templates(page)
     comics = sorted(name for name in names if "comic" in name.lower())
     assert comics, names
     assert sorted(search_templates(page, "comic")) == comics
+    assert sorted(search_templates(page, "consistent")) == sorted(names)
     page.keyboard.press("Escape")
     close_dialogs(page)
     page.get_by_role("button", name="Templates", exact=True).click()
-    found = search_templates(page, "comic page")
-    assert set(comics) <= set(found), found
+    for query, expected in (("comic page", comics), ("comic", comics), ("consistent", names)):
+        found = search_templates(page, query)
+        assert set(expected) <= set(found), (query, found)
     assert console.pack_errors() == []
 
 
@@ -174,11 +177,21 @@ def test_queued_workflow_shows_its_page_in_the_save_node(frontend, comfy_server,
     assert console.pack_errors(since) == []
 
 
-# Cut the latent's batch_size from panel_count and type a batch instead, as a user might.
+# Give the sampler an Empty Latent Image with a typed batch, as a user might: in place of the
+# shipped workflow's Story Latent (which sets no batch size) the first time, the same one after.
 TYPE_BATCH_JS = """
 (batch) => {
-  const latent = app.graph.nodes.find((n) => n.type === "EmptyLatentImage");
-  const slot = latent.inputs.findIndex((i) => i.name === "batch_size");
+  let latent = app.graph.nodes.find((n) => n.type === "EmptyLatentImage");
+  if (!latent) {
+    const story = app.graph.nodes.find((n) => n.type === "ConsistentStoryLatent");
+    const sampler = app.graph.nodes.find((n) => n.inputs?.some((i) => i.name === "latent_image"));
+    latent = LiteGraph.createNode("EmptyLatentImage");
+    latent.pos = [story.pos[0], story.pos[1]];
+    app.graph.remove(story);
+    app.graph.add(latent);
+    latent.connect(0, sampler, sampler.inputs.findIndex((i) => i.name === "latent_image"));
+  }
+  const slot = latent.inputs?.findIndex((i) => i.name === "batch_size") ?? -1;
   if (slot >= 0 && latent.isInputConnected(slot)) latent.disconnectInput(slot);
   latent.widgets.find((w) => w.name === "batch_size").value = batch;
   app.graph.setDirtyCanvas(true, true);

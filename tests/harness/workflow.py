@@ -35,10 +35,17 @@ PRIMITIVE = "PrimitiveNode"
 FRONTEND_ONLY = {"Note", "MarkdownNote", REROUTE, PRIMITIVE}
 COMIC_PAGE = "ConsistentStoryComicPage"
 CHARACTER_FROM_IMAGE = "ConsistentStoryCharacterFromImage"
+STORY_LATENT = "ConsistentStoryLatent"
+# The nodes that make a sampler's empty latent from a typed width and height: the pack's Story
+# Latent (the shipped workflows) and the host's, which a user's own workflow may have instead.
+LATENT_NODES = (STORY_LATENT, "EmptyLatentImage", "EmptySD3LatentImage", "EmptyFlux2LatentImage")
 COMIC_PAGE_LENGTHS = {"page_width": 64, "gutter": 1, "margin": 1, "caption_font_size": 8}  # pixels, and their least
 WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 # The shipped workflows are named by their titles: ComfyUI's template browser shows a custom
-# node's template under its file name (no other metadata), with the .jpg of the same name.
+# node's template under its file name (no other metadata), with the .jpg of the same name. Each
+# name starts with the pack's name, as frontend 1.58's template search reads only the file name:
+# "consistent" finds them all.
+TITLE_PREFIX = "Consistent Story - "
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 # The CPU test checkpoint standing in for each workflow's model family, by workflow_id.
 TEST_CHECKPOINT = {"comic_page_sd1_5": "sd15_small", "four_panel_strip_sdxl": "vega_small",
@@ -51,9 +58,9 @@ TEST_CHECKPOINT = {"comic_page_sd1_5": "sd15_small", "four_panel_strip_sdxl": "v
 
 
 def workflow_id(path: Path | str) -> str:
-    """A shipped workflow's short id, for test ids, ``-k`` filters and file names:
-    "Comic page (SD1.5).json" -> "comic_page_sd1_5"."""
-    title = Path(path).name.removesuffix(".json")  # not .stem: "(SD1.5)" holds a dot
+    """A shipped workflow's short id, for test ids, ``-k`` filters and file names, without the
+    pack's name: "Consistent Story - Comic page (SD1.5).json" -> "comic_page_sd1_5"."""
+    title = Path(path).name.removesuffix(".json").removeprefix(TITLE_PREFIX)  # not .stem: "(SD1.5)" holds a dot
     return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
 
 
@@ -246,6 +253,11 @@ def nodes_of_type(prompt: dict, class_type: str) -> dict[str, dict]:
     return {node_id: node for node_id, node in prompt.items() if node["class_type"] == class_type}
 
 
+def latent_nodes(prompt: dict) -> dict[str, dict]:
+    """The nodes that make an empty latent of a typed size (``LATENT_NODES``), in prompt order."""
+    return {node_id: node for node_id, node in prompt.items() if node["class_type"] in LATENT_NODES}
+
+
 def set_widgets(prompt: dict, class_type: str, **values) -> None:
     """Set widget inputs on every node of ``class_type``; refuses to overwrite a link or miss."""
     found = nodes_of_type(prompt, class_type)
@@ -262,11 +274,10 @@ def shrink(prompt: dict, size: int, steps: int) -> None:
     """Smaller panels (width and height at most ``size``, ratio kept; character references alike),
     fewer sampling steps, and comic pages scaled like the panels, so they are not drawn blown up."""
     scales = []
-    for node_type in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyFlux2LatentImage", CHARACTER_FROM_IMAGE):
-        for node in nodes_of_type(prompt, node_type).values():
-            width, height = node["inputs"]["width"], node["inputs"]["height"]
-            scales.append(min(1.0, size / max(width, height)))
-            node["inputs"].update(width=_multiple_of_8(width * scales[-1]), height=_multiple_of_8(height * scales[-1]))
+    for node in [*latent_nodes(prompt).values(), *nodes_of_type(prompt, CHARACTER_FROM_IMAGE).values()]:
+        width, height = node["inputs"]["width"], node["inputs"]["height"]
+        scales.append(min(1.0, size / max(width, height)))
+        node["inputs"].update(width=_multiple_of_8(width * scales[-1]), height=_multiple_of_8(height * scales[-1]))
     set_widgets(prompt, "KSampler", steps=steps)
     scale = min(scales, default=1.0)
     for node in nodes_of_type(prompt, COMIC_PAGE).values():

@@ -65,9 +65,9 @@ def test_a_story_error_is_one_clean_message(main_job, tmp_path):
 
 
 def test_a_workflow_without_a_checkpoint_is_refused_by_name(main_job):
-    done = main_job("--workflow", str(REPO_ROOT / "workflows" / "Comic page (Flux).json"))
+    done = main_job("--workflow", str(REPO_ROOT / "workflows" / "Consistent Story - Comic page (Flux).json"))
     assert done.returncode == 2
-    assert "Comic page (Flux).json loads no checkpoint" in done.stderr and "Traceback" not in done.stderr
+    assert "Consistent Story - Comic page (Flux).json loads no checkpoint" in done.stderr and "Traceback" not in done.stderr
 
 
 @by_workflow([path for path in WORKFLOWS if TEST_CHECKPOINT[workflow_id(path)] not in DIT_CONFIGS])  # checkpoints

@@ -16,7 +16,7 @@ from PIL import Image
 
 from harness.checkpoints import release_memory
 from harness.workflow import (
-    BYPASSED, MUTED, TEST_CHECKPOINT, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow,
+    BYPASSED, MUTED, TEST_CHECKPOINT, TITLE_PREFIX, WORKFLOW_DIR, WORKFLOWS, WorkflowError, by_workflow, load_workflow,
     node_definitions, nodes_of_type, set_widgets, shrink, ui_to_api, widget_inputs, workflow_id, workflow_node_types,
 )
 from harness.workflow_models import (
@@ -52,7 +52,7 @@ def definitions(comfy):
 @pytest.fixture()
 def sd15(definitions):
     """The shipped SD1.5 workflow and its conversion."""
-    workflow = load_workflow(WORKFLOW_DIR / "Comic page (SD1.5).json")
+    workflow = load_workflow(WORKFLOW_DIR / "Consistent Story - Comic page (SD1.5).json")
     return workflow, ui_to_api(workflow, definitions)
 
 
@@ -61,9 +61,12 @@ def sd15(definitions):
 # ----------------------------------------------------------------------------------------------
 def test_workflows_exist_and_each_has_a_test_checkpoint():
     assert WORKFLOWS, f"no workflows in {WORKFLOW_DIR}"
-    # The template browser titles a custom node's template with its file name: a title, not a slug.
+    # The template browser titles a custom node's template with its file name: a title, not a slug,
+    # which starts with the pack's name (frontend 1.58's template search reads only the file name).
     slugs = [path.name for path in WORKFLOWS if " " not in path.stem or not path.stem[0].isupper()]
-    assert slugs == [], "name workflows by their titles, e.g. 'Comic page (SD1.5).json'"
+    assert slugs == [], "name workflows by their titles, e.g. 'Consistent Story - Comic page (SD1.5).json'"
+    unnamed = [path.name for path in WORKFLOWS if not path.name.startswith(TITLE_PREFIX)]
+    assert unnamed == [], f"start each workflow's name with {TITLE_PREFIX!r}: the template search finds it by that"
     unthumbed = [path.name for path in WORKFLOWS if not path.with_suffix(".jpg").is_file()]
     assert unthumbed == [], "each template needs its .jpg thumbnail"
     missing = [path.name for path in WORKFLOWS if workflow_id(path) not in TEST_CHECKPOINT]
@@ -158,7 +161,9 @@ def test_conversion_stores_valid_widget_values_under_their_names(sd15, definitio
 def test_conversion_wires_converted_widgets(sd15):
     _, prompt = sd15
     story_id, _ = one(prompt, "ConsistentStoryPrompts")
-    assert one(prompt, "EmptyLatentImage")[1]["inputs"]["batch_size"] == [story_id, 2]
+    latent_id, latent = one(prompt, "ConsistentStoryLatent")
+    assert latent["inputs"]["story"] == [story_id, 4], "one latent per drawn panel, from the story itself"
+    assert one(prompt, "KSampler")[1]["inputs"]["latent_image"] == [latent_id, 0], "straight, keeping batch_index"
     assert one(prompt, "ConsistentStoryComicPage")[1]["inputs"]["captions"] == [story_id, 3]
     csa_id, csa = one(prompt, "ConsistentStorySelfAttention")
     assert one(prompt, "KSampler")[1]["inputs"]["model"] == [csa_id, 0]
@@ -195,12 +200,13 @@ def test_reroute_is_followed_and_primitive_value_used(sd15, definitions):
     ui_node(rerouted, "ConsistentStoryComicPage")["inputs"][0]["link"] = new_link
     assert ui_to_api(rerouted, definitions) == expected
 
-    latent = ui_node(workflow, "EmptyLatentImage")
-    batch_link = latent["inputs"][0]["link"]
-    workflow["nodes"].append({"id": 1001, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [3, "fixed"],
-                              "outputs": [{"name": "INT", "type": "INT", "links": [batch_link], "widget": {"name": "batch_size"}}]})
-    next(link for link in workflow["links"] if link[0] == batch_link)[1:3] = [1001, 0]
-    assert one(ui_to_api(workflow, definitions), "EmptyLatentImage")[1]["inputs"]["batch_size"] == latent["widgets_values"][2]
+    latent = ui_node(workflow, "ConsistentStoryLatent")  # its width widget converted to an input, fed by a primitive
+    width_link = 1002
+    latent["inputs"].append({"name": "width", "type": "INT", "widget": {"name": "width"}, "link": width_link})
+    workflow["nodes"].append({"id": 1001, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [448, "fixed"],
+                              "outputs": [{"name": "INT", "type": "INT", "links": [width_link], "widget": {"name": "width"}}]})
+    workflow["links"].append([width_link, 1001, 0, latent["id"], len(latent["inputs"]) - 1, "INT"])
+    assert one(ui_to_api(workflow, definitions), "ConsistentStoryLatent")[1]["inputs"]["width"] == latent["widgets_values"][0]
 
 
 def test_unknown_node_type_is_named(sd15, definitions):
@@ -322,7 +328,7 @@ def test_workflow_runs_and_saves_its_comic_pages(path, comfy, checkpoints, graph
 
 
 def test_the_test_lora_patches_every_attention_projection(comfy, checkpoints, released_after):
-    """The random LoRA that stands in for the user's (Character LoRA (SDXL)) is one ComfyUI applies fully."""
+    """The random LoRA that stands in for the user's (Consistent Story - Character LoRA (SDXL)) is one ComfyUI applies fully."""
     import folder_paths
 
     from harness.model_files import build_lora
