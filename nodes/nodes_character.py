@@ -12,7 +12,7 @@ from .host.conditioning import encode
 from .host.references import CharacterReference
 from .schema import CATEGORY, StoryType
 
-SIZE_TOOLTIP = ("The story's panel size in pixels (its Empty Latent Image): each image is scaled to cover it and "
+SIZE_TOOLTIP = ("The story's panel size in pixels (its Story Latent's width and height): each image is scaled to cover it and "
                 "centre-cropped, so images of another size or shape work.")
 
 

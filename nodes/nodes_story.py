@@ -31,7 +31,8 @@ class StoryPrompts(io.ComfyNode):
                 "Writes a whole story in one box: '[Name] description' lines define characters, every other line "
                 "is a panel ('[Name]' is replaced by the description, '[NC]' = no character, text after '#' is the "
                 "caption). Encodes every panel in the chosen style into ONE conditioning whose row i is panel i: "
-                "set the latent batch size to panel_count so each image gets its own prompt."
+                "give the sampler Story Latent (from this node's story), one latent per drawn panel, so each image "
+                "gets its own prompt."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP text encoder of the checkpoint."),

@@ -1,5 +1,6 @@
 // Consistent Story: a live "N panels · M characters" badge on the Story Prompts node, so users
-// can see, while typing, how many latents the sampler needs (wire panel_count to batch_size).
+// can see, while typing, how many latents the sampler needs (Story Latent makes them; or wire
+// panel_count to batch_size).
 // A character that no panel shows alone has no identity panel for Consistent Self-Attention:
 // the badge names it ("[Mia] never alone") before the run would fail on it.
 // The rule mirrors nodes/story/story_prompts.py: a line is a character definition when it starts with
@@ -135,7 +136,7 @@ function badgeText({ panels, characters, lonely }, batches, drawn) {
   if (lonely.length) warnings.push(`${lonely.map((n) => `[${n}]`).join(", ")} never alone`);
   const expected = drawn?.count ?? panels;
   for (const batch of batches) {
-    if (batch !== expected) warnings.push(`latent batch_size ${batch} ≠ ${plural(expected, "panel")}: connect panel_count`);
+    if (batch !== expected) warnings.push(`latent batch_size ${batch} ≠ ${plural(expected, "panel")}: use Story Latent or connect panel_count`);
   }
   return [`${p} · ${c}`, ...warnings].join(" · ");
 }

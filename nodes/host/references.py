@@ -51,7 +51,7 @@ def check_references(references, base_model, latent_hw: tuple[int, int]) -> None
             raise ConsistentAttentionError(
                 f"[{ref.name}]'s reference images are {size(ref.latents.shape[-2:])} but this model call is for "
                 f"{size(latent_hw)} panels: set width and height on Character from Image to the panels' size (the "
-                "Empty Latent Image's). Area conditionings (Conditioning Set Area) crop the panels and cannot be "
+                "Story Latent's). Area conditionings (Conditioning Set Area) crop the panels and cannot be "
                 "combined with characters from images."
             )
 

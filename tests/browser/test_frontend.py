@@ -212,7 +212,7 @@ def test_badge_warns_when_the_latent_batch_is_not_the_panel_count(frontend):
     panels = int(badge().split(" panels")[0])
     assert "latent batch_size" not in badge()  # the shipped wiring: no warning
     page.evaluate(TYPE_BATCH_JS, panels - 3)
-    assert f"latent batch_size {panels - 3} ≠ {panels} panels: connect panel_count" in badge()
+    assert f"latent batch_size {panels - 3} ≠ {panels} panels: use Story Latent or connect panel_count" in badge()
     page.evaluate(TYPE_BATCH_JS, panels)
     assert "latent batch_size" not in badge()
     assert console.pack_errors() == []
