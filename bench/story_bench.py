@@ -29,6 +29,7 @@ from csa_bench import StepTimer, find_comfyui  # noqa: E402
 
 CFG = 5.0
 BOB, ALICE = 0, 1
+REDRAW_IDENTITY = (0, 1, 2, 3)  # the identity panels of the stories below (Bob, Alice, Bob, Alice)
 
 
 def panel_characters(panels: int) -> list[tuple[int, ...]]:
@@ -113,13 +114,13 @@ class StoryBench:
         return (references.CharacterReference("Bob", torch.randn(images, 4, side, side, generator=gen),
                                               conditioning(), conditioning(), "SDXL"),)
 
-    def model(self, panels: int | None, per_call: int, probe=None, reference_images: int = 0):
+    def model(self, panels: int | None, per_call: int, probe=None, reference_images: int = 0, drawn=None):
         model = self.base.clone()
         if panels is not None:
             config = self.engine.CSAConfig(rate_fine=0.5, rate_coarse=0.5, blocks="output", schedule="always")
             references = self.references(reference_images) if reference_images else ()
             cast = self.engine.StoryCast.from_panels(("Bob", "Alice"), panel_characters(panels), 2,
-                                                     (reference_images, 0))
+                                                     (reference_images, 0), drawn)
             self.csa_patch.ConsistentAttentionPatch(config, cast, per_call, references).install(model)
         self.step_timer = StepTimer(self.cuda)
         self.call_timer = CallTimer(self.cuda, self.csa_call.STATE_KEY)
@@ -129,12 +130,12 @@ class StoryBench:
             model.model_options["transformer_options"]["optimized_attention_override"] = probe
         return model
 
-    def sample(self, model, panels: int, steps: int):
+    def sample(self, model, panels: int, steps: int, drawn=None):
         import comfy.sample
 
         torch, size = self.torch, self.args.size
         latent = torch.zeros(panels, 4, size // 8, size // 8)
-        noise = comfy.sample.prepare_noise(latent, 1234)
+        noise = comfy.sample.prepare_noise(latent, 1234, None if drawn is None else list(drawn))  # as Story Latent
         gen = torch.Generator().manual_seed(panels)
 
         def cond():
@@ -156,17 +157,18 @@ class StoryBench:
                 "expected_layers": self.output_layers, "rows_seen": probe.rows,
                 "expected_rows": self.output_layers * 2 * panels}
 
-    def run(self, panels: int | None, batch: int, per_call: int, reference_images: int = 0) -> dict:
+    def run(self, panels: int | None, batch: int, per_call: int, reference_images: int = 0, drawn=None) -> dict:
+        """One run; ``drawn``: the story drawn in part (those panels only, as Story Prompts' ``panels`` gives)."""
         torch, steps = self.torch, self.args.steps
-        model = self.model(panels, per_call, reference_images=reference_images)
-        self.sample(model, batch, 1)  # warm-up: kernels chosen, model loaded
+        model = self.model(panels, per_call, reference_images=reference_images, drawn=drawn)
+        self.sample(model, batch, 1, drawn)  # warm-up: kernels chosen, model loaded
         self.step_timer.take_ms(), self.call_timer.take()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated() if self.cuda else 0
         began = time.perf_counter()
-        latent = self.sample(model, batch, steps)
+        latent = self.sample(model, batch, steps, drawn)
         if self.cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - began
@@ -186,7 +188,7 @@ class StoryBench:
             "ms_per_step": statistics.median(steps_ms), "wall_s": wall, "sub_calls": by_kind,
             "resident_bytes": resident, "peak_bytes": torch.cuda.max_memory_allocated() if self.cuda else 0,
             "bank_bytes": self.call_timer.bank_bytes, "finite": bool(torch.isfinite(latent).all()),
-            "reference_images": reference_images,
+            "reference_images": reference_images, "drawn": None if drawn is None else list(drawn),
         }
 
 
@@ -246,12 +248,15 @@ def main(argv=None) -> int:
     for panels in stories:
         results["checks"][f"story-{panels}"] = bench.verify(panels, per_call)
         print("check", panels, results["checks"][f"story-{panels}"], flush=True)
-    runs = [("vanilla-rows", None, per_call // 2, 0), ("vanilla-panels", None, per_call, 0)]
-    runs += [(f"story-{panels}", panels, panels, 0) for panels in stories]
-    runs += [(f"story-{stories[1]}-bob-from-2-images", stories[1], stories[1], 2)]
-    for name, story, batch, images in runs:
+    runs = [("vanilla-rows", None, per_call // 2, 0, None), ("vanilla-panels", None, per_call, 0, None)]
+    runs += [(f"story-{panels}", panels, panels, 0, None) for panels in stories]
+    runs += [(f"story-{stories[1]}-bob-from-2-images", stories[1], stories[1], 2, None)]
+    both = max(i for i, chars in enumerate(panel_characters(stories[-1])) if chars == (BOB, ALICE))
+    redraw = REDRAW_IDENTITY + (both,)  # the last panel of both characters: 1 panel + 4 identity panels
+    runs += [(f"story-{stories[-1]}-redraw-1", stories[-1], len(redraw), 0, redraw)]
+    for name, story, batch, images, drawn in runs:
         try:
-            results["runs"][name] = bench.run(story, batch, per_call, images)
+            results["runs"][name] = bench.run(story, batch, per_call, images, drawn)
         except bench.torch.OutOfMemoryError as error:
             results["runs"][name] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
         print(name, json.dumps(results["runs"][name]), flush=True)

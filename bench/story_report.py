@@ -47,10 +47,24 @@ def rows(results: dict) -> list[list[str]]:
     return body
 
 
+def redraw_lines(results: dict) -> list[str]:
+    """Re-rendering one panel against its whole story (issue 16's target: at most 8% of the time)."""
+    lines = []
+    for name, run in results["runs"].items():
+        whole = results["runs"].get(name.removesuffix("-redraw-1"))
+        if not name.endswith("-redraw-1") or "error" in run or not whole or "error" in whole:
+            continue
+        lines.append(f"Re-rendering one panel of the {whole['panels']}-panel story ({run['panels'] - 1} identity panels "
+                     f"drawn beside it): {run['ms_per_step']:.1f} ms/step, {100 * run['ms_per_step'] / whole['ms_per_step']:.1f}% "
+                     f"of the whole story's {whole['ms_per_step']:.1f} ms/step (target: at most 8%).")
+    return lines
+
+
 def table_text(results: dict) -> str:
     body = rows(results)
     widths = [max(len(r[i]) for r in [HEADER] + body) for i in range(len(HEADER))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [HEADER] + body)
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [HEADER] + body]
+    return "\n".join(table + redraw_lines(results))
 
 
 def generated_block(results: dict) -> str:
@@ -62,6 +76,7 @@ def generated_block(results: dict) -> str:
              f"2 characters x {settings['identity_panels']} identity panels; panels_per_call "
              f"{settings['panels_per_call']}.", ""]
     lines += markdown_table(HEADER, rows(results))
+    lines += [""] + redraw_lines(results) if redraw_lines(results) else []
     lines += ["", "Checks (one step, a probe after CSA): "
               + "; ".join(f"{name}: {c['sub_calls']} UNet calls, story attention in {c['story_layers']}/"
                           f"{c['expected_layers']} layers, {c['rows_seen']}/{c['expected_rows']} rows"
