@@ -17,6 +17,8 @@ outputs are the call's own device's.
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +71,8 @@ class StorySubCalls:
         devices = StoryDevices.of(options, x)
         per_call = self.panels_per_call or rows_that_fit(executor.class_obj, x)
         if devices is not None:  # at least one sub-call of other panels per device
-            others = len([panel for panel in cast.batch if cast.slot_of(panel) is None])
-            per_call = min(per_call, max(1, -(-others // len(devices.devices))))
+            other_panels = len([panel for panel in cast.batch if cast.slot_of(panel) is None])
+            per_call = min(per_call, max(1, -(-other_panels // len(devices.devices))))
         if per_call >= rows:  # every row in one call, in ComfyUI's order: nothing to cut
             story_call = runner.story_call(planner, chunks, 0, panels, keep_bank=bool(self.references))
             self.reference_rows(planner, story_call, executor, x, t, options, range(chunks))
@@ -103,7 +105,7 @@ class StorySubCalls:
         for chunk in range(chunks):
             plan = cast.call_plan(per_call)
             if devices is None:
-                self.run_chunk(planner, executor, options, chunk, [sub_call(chunk, subset) for subset in plan], keep)
+                self.run_chunk(planner, executor, options, chunk, (sub_call(chunk, subset) for subset in plan), keep)
                 continue
             identity = [subset for subset in plan if any(cast.slot_of(panel) is not None for panel in subset)]
             others = [subset for subset in plan if subset not in identity]
@@ -118,26 +120,29 @@ class StorySubCalls:
                     devices.submit(device, self.run_chunk, planner, devices.executor_on(device, executor),
                                    devices.options_on(device, options), chunk, calls)
             self.run_chunk(planner, executor, options, chunk,
-                           [sub_call(chunk, subset) for subset in identity + shares[0][1]], keep)
+                           (sub_call(chunk, subset) for subset in identity + shares[0][1]), keep)
             for device, share in shares[1:]:
                 if share:
                     for index, result in devices.result(device):
                         keep(index, result)
         return out
 
-    def run_chunk(self, planner, executor, options: dict, chunk: int, calls: list[SubCall], keep=None):
+    def run_chunk(self, planner, executor, options: dict, chunk: int, calls: Iterable[SubCall], keep=None):
         """Run one chunk's sub-calls in order over one bank (on the device of ``executor`` and the
-        calls' inputs); each kept sub-call's ``(rows, output)`` goes to ``keep`` as soon as it is
-        computed, or without ``keep`` (another device's work) into the list returned."""
+        calls' inputs), each taken from ``calls`` only when it runs (a sub-call's rows of the inputs,
+        never all of them at once); each kept sub-call's ``(rows, output)`` goes to ``keep`` as soon
+        as it is computed, or without ``keep`` (another device's work) into the list returned."""
         results = []
         keep = keep or (lambda index, result: results.append((index, result)))
         runner = self.runner
         cond_or_uncond = options.get("cond_or_uncond") or [0]
         uuids = options.get("uuids")
         story_call = runner.story_call(planner, 1, chunk, len(self.cast.batch))  # this chunk's identity bank
-        self.reference_rows(planner, story_call, executor, calls[0].args[0], calls[0].args[1], options,
+        calls = iter(calls)
+        first = next(calls)
+        self.reference_rows(planner, story_call, executor, first.args[0], first.args[1], options,
                             range(chunk, chunk + 1))
-        for call in calls:
+        for call in itertools.chain([first], calls):
             sub_options = runner.prepare(dict(options), planner, story_call, call.panels,
                                          runner.layout(call.args[0], call.kwargs))
             sub_options["cond_or_uncond"] = cond_or_uncond[chunk:chunk + 1]
