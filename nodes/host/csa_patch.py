@@ -85,6 +85,9 @@ def check_panel_batch(executor, noise, *args, story_panels: int | None = None, *
     return executor(noise, *args, **kwargs)
 
 
+NOISE_FIX = "Connect Story Latent directly to the sampler's latent_image"
+
+
 def check_story_noise(drawn: tuple[int, ...], noise, args: tuple, kwargs: dict) -> None:
     """A story drawn in part must start from each drawn panel's noise in the whole story (what Story
     Latent's batch_index gives), or its panels silently differ from the whole run's. Checked where the
@@ -99,11 +102,11 @@ def check_story_noise(drawn: tuple[int, ...], noise, args: tuple, kwargs: dict) 
 
     expected = comfy.sample.prepare_noise(latent, seed, list(drawn))
     if expected.shape == noise.shape and not torch.equal(expected.to(noise.device, noise.dtype), noise):
-        raise ConsistentAttentionError(
-            f"Story Prompts draws part of the story (panels {', '.join(str(p + 1) for p in drawn)}), but the "
-            "sampler's noise is not those panels' noise in the whole story, so they would not be the whole run's "
-            "panels. Connect Story Latent directly to the sampler's latent_image (Empty Latent Image, or Latent "
-            "Batch Seed Behavior 'random', gives the first panels' noise instead)."
+        panels = f"panel{'s' if len(drawn) > 1 else ''} {', '.join(str(p + 1) for p in drawn)}"
+        raise ConsistentAttentionError(  # the fix first: frontends show the message under other text, cut short
+            f"{NOISE_FIX}: Story Prompts draws part of the story ({panels}), and the sampler's noise is not those "
+            "panels' noise in the whole story, so they would not be the whole run's panels (Empty Latent Image, or "
+            "Latent Batch Seed Behavior 'random', gives the first panels' noise instead)."
         )
 
 
