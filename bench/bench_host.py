@@ -99,8 +99,8 @@ FLUX_DEV = {
 
 
 def build_flux(tiny: bool, seed: int = 0):
-    """A ModelPatcher over ComfyUI's own Flux class, Flux.1-dev layout (tiny: 1 + 1 blocks), random
-    bf16 weights on the GPU (fp32 on the CPU)."""
+    """A ModelPatcher over ComfyUI's own Flux class, Flux.1-dev layout (tiny: 1 + 1 blocks, 256 wide,
+    head width kept), random bf16 weights on the GPU (fp32 on the CPU)."""
     import torch
 
     import comfy.model_management as mm
@@ -113,7 +113,7 @@ def build_flux(tiny: bool, seed: int = 0):
 
     device = mm.get_torch_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    layout = dict(FLUX_DEV, depth=1, depth_single_blocks=1) if tiny else dict(FLUX_DEV)
+    layout = dict(FLUX_DEV, depth=1, depth_single_blocks=1, hidden_size=256, num_heads=2) if tiny else dict(FLUX_DEV)
     if "txt_ids_dims" in {field.name for field in dataclasses.fields(FluxParams)}:
         layout["txt_ids_dims"] = []  # ComfyUI 0.8 and newer: a required field (Flux.1: no text positions)
     config = comfy.supported_models.Flux(layout)
