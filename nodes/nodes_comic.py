@@ -1,4 +1,6 @@
 """Comic Page node: lays a story's panels and their captions out on comic pages."""
+import dataclasses
+
 from comfy_api.v0_0_2 import io
 
 from .host.input_limits import out_of_limits
@@ -121,25 +123,25 @@ class ComicPage(io.ComfyNode):
                 raise ValueError(f"caption_font_size is {caption_font_size}: use 0 for automatic or a size in pixels.")
             if (error := out_of_limits(cls, named)) is not None:
                 raise ValueError(error)
-            values = (layout, columns, seed, reading_order, page_width, panels_per_page, gutter, margin)
-            if all(value is not None for value in values):
-                check_width_fits(LayoutOptions(*values))
+            options = layout_options(named)
+            if options is not None:
+                check_width_fits(options)
                 if captions is not None and caption_font_size is not None:
-                    check_captions_fit(LayoutOptions(*values), captions, caption_font_size)
+                    check_captions_fit(options, captions, caption_font_size)
         except ValueError as error:
             return str(error)
         return True
 
     @classmethod
-    def check_lazy_status(cls, captions="", layout=None, columns=None, seed=0, reading_order=None, page_width=None,
-                          panels_per_page=0, gutter=None, margin=None, caption_font_size=0, images=None, **rest):
+    def check_lazy_status(cls, captions="", caption_font_size=0, images=None, **values):
         """``images`` is lazy, so ComfyUI runs this node once its captions are known (from Story
         Prompts, before sampling; the executor runs a node that feeds an output as soon as it can)
         and asks here which inputs it needs: captions that would make every page too tall are
         refused then, instead of after the panels are sampled."""
         if images is None:
-            options = LayoutOptions(layout, columns, seed, reading_order, page_width, panels_per_page, gutter, margin)
-            check_captions_fit(options, captions, caption_font_size)
+            options = layout_options(values)
+            if options is not None:
+                check_captions_fit(options, captions, caption_font_size)
             return ["images"]
         return []
 
@@ -168,6 +170,13 @@ class ComicPage(io.ComfyNode):
             raise ValueError(f"name '{name}' names the saved panels of a story: connect Story Prompts' story output "
                              f"to story, or set name back to '{DEFAULT_NAME}'.")
         return io.NodeOutput(compose_pages(images, captions, options, caption_font_size, background_color))
+
+
+def layout_options(values: dict) -> LayoutOptions | None:
+    """The page layout from the node's inputs (``values`` may hold others), or None while one of them
+    is still unknown (a linked input, before it runs)."""
+    picked = {field.name: values.get(field.name) for field in dataclasses.fields(LayoutOptions)}
+    return None if any(value is None for value in picked.values()) else LayoutOptions(**picked)
 
 
 def story_pages(story, images, captions: str, name: str):
