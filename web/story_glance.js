@@ -2,7 +2,7 @@
 // Prompts shows, under it, each panel's number, its role (identity panel of a character, whose
 // identity panels it reads, [NC]: nobody, not drawn) and its final prompt after the style and
 // [Name] replacement: the rows of the node's own summary output, as the pack's Python parser
-// gives them (POST /consistent_story/summary, nodes/summary_route.py; nothing is parsed here).
+// gives them (POST /consistent_story/summary, nodes/host/summary_route.py; nothing is parsed here).
 // Shown on demand and refreshed, debounced, while the story, style or panels are edited.
 // Neither widget is saved with the workflow or sent with the prompt.
 import { app } from "../../scripts/app.js";
