@@ -13,5 +13,5 @@ async def comfy_entrypoint():
     from .nodes.extension import ConsistentStoryExtension
     from .nodes.host.summary_route import add_summary_route
 
-    add_summary_route()  # the editor's "story at a glance" (web/consistent_story.js)
+    add_summary_route()  # the editor's "story at a glance" (web/story_glance.js)
     return ConsistentStoryExtension()
