@@ -6,9 +6,9 @@ from comfy_api.v0_0_2 import io
 from .host.input_limits import out_of_limits
 from .host.story_panels import panel_folder, save_panels, whole_story
 from .schema import CATEGORY, StoryType
+from .story.captions import parse_color
 from .story.comic_layout import (
     CLASSIC, LAYOUTS, LEFT_TO_RIGHT, READING_ORDERS, LayoutOptions, check_captions_fit, check_width_fits, compose_pages,
-    parse_color,
 )
 
 DEFAULT_NAME = "story"

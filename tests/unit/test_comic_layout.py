@@ -9,7 +9,7 @@ import torch
 from harness.pack import load_pack
 
 load_pack()
-from consistent_story.nodes.story import comic_layout as cl  # noqa: E402
+from consistent_story.nodes.story import captions, comic_layout as cl  # noqa: E402
 
 ASPECT = 0.75  # panels 4:3 landscape, as the small test images below
 
@@ -198,22 +198,22 @@ def test_no_panels_is_an_error():
 
 
 def test_captions_one_line_per_panel():
-    assert cl.parse_captions("a\n\n c \n", 4) == ["a", "", "c", ""]
-    assert cl.parse_captions("", 2) == ["", ""]
-    assert cl.parse_captions("a\n\nc\n\n\n", 3) == ["a", "", "c"]  # trailing empty lines are no panels
+    assert captions.parse_captions("a\n\n c \n", 4) == ["a", "", "c", ""]
+    assert captions.parse_captions("", 2) == ["", ""]
+    assert captions.parse_captions("a\n\nc\n\n\n", 3) == ["a", "", "c"]  # trailing empty lines are no panels
     with pytest.raises(ValueError, match="captions has 3 lines but images has only 2 panels"):
-        cl.parse_captions("a\nb\nc", 2)
+        captions.parse_captions("a\nb\nc", 2)
 
 
 @pytest.mark.parametrize("text, rgb", [("#FFFFFF", (255, 255, 255)), ("1a2b3c", (26, 43, 60)), (" #f00 ", (255, 0, 0))])
 def test_colour_parsing(text, rgb):
-    assert cl.parse_color(text) == rgb
+    assert captions.parse_color(text) == rgb
 
 
 @pytest.mark.parametrize("text", ["white", "#12345", "#GGGGGG", ""])
 def test_invalid_colour_names_the_input(text):
     with pytest.raises(ValueError, match="background_color"):
-        cl.parse_color(text)
+        captions.parse_color(text)
 
 
 # ---- drawing -------------------------------------------------------------------------------------
@@ -222,14 +222,14 @@ def panels(count=5, height=48, width=64, seed=0):
 
 
 def test_font_and_its_licence_ship_with_the_pack():
-    assert cl.FONT_PATH.is_file() and (cl.FONT_PATH.parent / "OFL.txt").is_file()
-    assert cl.load_font(20).getlength("Hello") > 0
+    assert captions.FONT_PATH.is_file() and (captions.FONT_PATH.parent / "OFL.txt").is_file()
+    assert captions.load_font(20).getlength("Hello") > 0
 
 
 def test_wrapped_lines_fit_and_keep_every_word():
-    font = cl.load_font(14)
+    font = captions.load_font(14)
     text = "a hero walks into the dark forest Pneumonoultramicroscopicsilicovolcanoconiosis today"
-    lines = cl.wrap_text(text, font, 90)
+    lines = captions.wrap_text(text, font, 90)
     assert len(lines) > 2 and all(font.getlength(line) <= 90 for line in lines)
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
 
