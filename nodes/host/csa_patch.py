@@ -35,14 +35,17 @@ WRAPPER_KEY = "consistent_story.csa"
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
 OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 PREPARE_SAMPLING = "prepare_sampling"  # comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING
+SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
+MARKS_KEY = "consistent_story.sigma_marks"  # a sampler run's SigmaMarks, in its transformer_options
 
 
-def current_step(transformer_options: dict, config: CSAConfig | None = None, model_sampling=None) -> Step:
+def current_step(transformer_options: dict, config: CSAConfig | None = None) -> Step:
     """The step of this sampling call (one host sync per model call, measured at 0.4 ms on SDXL).
 
     With sigma percents (``config.percent_of == "sigma"``) the step also carries its sigma (the
     schedule's, so extra evaluations of one step agree) and the config's percents converted by
-    ``model_sampling.percent_to_sigma``, as ComfyUI's ControlNet converts its start and end."""
+    ``model_sampling.percent_to_sigma``, as ComfyUI's ControlNet converts its start and end, once
+    per sampler run (``mark_sigmas``: on a UNet each conversion reads a GPU buffer back)."""
     sigmas = transformer_options.get("sigmas")
     schedule = transformer_options.get("sample_sigmas")
     if sigmas is None or schedule is None:
@@ -51,7 +54,7 @@ def current_step(transformer_options: dict, config: CSAConfig | None = None, mod
     step = locate_step(float(sigmas.reshape(-1)[0]), schedule)
     if config is None or config.percent_of != "sigma":
         return step
-    return replace(step, sigma=float(schedule[step.index]), marks=sigma_marks(config, model_sampling))
+    return replace(step, sigma=float(schedule[step.index]), marks=transformer_options.get(MARKS_KEY))
 
 
 def sigma_marks(config: CSAConfig, model_sampling) -> SigmaMarks:
@@ -135,6 +138,8 @@ class ConsistentAttentionPatch:
         self.mark_layers(model)
         model.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, self.wrap_apply_model)
         model.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY, self.check_batch)
+        if self.config.percent_of == "sigma":
+            model.add_wrapper_with_key(SAMPLER_SAMPLE, WRAPPER_KEY, self.mark_sigmas)
         if self.cast is not None:
             model.add_wrapper_with_key(PREPARE_SAMPLING, WRAPPER_KEY, self.size_model_load)
             model.add_wrapper_with_key(CALC_COND_BATCH, WRAPPER_KEY, offer_spare_devices)
@@ -155,6 +160,13 @@ class ConsistentAttentionPatch:
             check_references(self.references, executor.class_obj.model_patcher.model, tuple(noise.shape[-2:]))
         return check_panel_batch(executor, noise, *args, story_panels=story_panels, **kwargs)
 
+    def mark_sigmas(self, executor, guider, sigmas, extra_args, *args, **kwargs):
+        """SAMPLER_SAMPLE wrapper: the config's sigma percents as this model's sigmas, once for the
+        run, in the run's own copy of transformer_options (where ComfyUI puts sample_sigmas)."""
+        options = extra_args["model_options"].setdefault("transformer_options", {})
+        options[MARKS_KEY] = sigma_marks(self.config, guider.model_patcher.model.model_sampling)
+        return executor(guider, sigmas, extra_args, *args, **kwargs)
+
     def size_model_load(self, executor, model, noise_shape, conds, model_options=None, **kwargs):
         """PREPARE_SAMPLING wrapper: ComfyUI sizes its model load from the whole batch; a story runs
         at most its largest panel subset at once, so ask for that (the weights then stay loaded
@@ -165,7 +177,7 @@ class ConsistentAttentionPatch:
 
     def wrap_apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         options = dict(transformer_options)  # the caller's dict stays untouched
-        planner = CallPlanner(self.config, current_step(options, self.config, executor.class_obj.model_sampling))
+        planner = CallPlanner(self.config, current_step(options, self.config))
         runner = self.runner
         if self.cast is not None:
             sub_calls = StorySubCalls(runner, self.cast, self.panels_per_call, self.references, self.config.seed)
