@@ -24,7 +24,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ...attention.cast import solo_panels
-from ..story.comic_layout import to_rgb_uint8
+from ..story.comic_layout import from_rgb_uint8, to_rgb_uint8
 
 FOLDER = "consistent_story_panels"
 MARK = "consistent_story_panel"  # PNG text chunk: the panel's key, so a file not written here is refused
@@ -111,4 +111,4 @@ def whole_story(story, images: torch.Tensor, folder: Path) -> torch.Tensor:
             f"identity panel they read changed since). Add them to Story Prompts' panels ('{listed}'), or draw "
             "the whole story once (panels empty)."
         )
-    return torch.from_numpy(np.stack(panels)).float() / 255.0
+    return from_rgb_uint8(panels)

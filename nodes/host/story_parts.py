@@ -23,7 +23,7 @@ import json
 import numpy as np
 import torch
 
-from ..story.comic_layout import to_rgb_uint8
+from ..story.comic_layout import from_rgb_uint8, to_rgb_uint8
 from .story_panels import panel_keys
 
 MARKER = b"ConsistentStoryPart\x01"
@@ -42,7 +42,7 @@ def story_digest(story) -> bytes:
 def tag_part(story, images: torch.Tensor) -> torch.Tensor:
     """``images`` (row i = ``story.drawn_panels[i]``) as one part: a header row, then the panels
     as 8-bit values."""
-    drawn = story.drawn if story.drawn is not None else tuple(range(len(story.panels)))
+    drawn = tuple(panel.index for panel in story.drawn_panels)
     pixels = to_rgb_uint8(images)  # refuses anything but an IMAGE batch
     if len(pixels) != len(drawn):
         raise ValueError(f"images holds {len(pixels)} pictures but Story Prompts draws {len(drawn)} panels: connect "
@@ -57,7 +57,7 @@ def tag_part(story, images: torch.Tensor) -> torch.Tensor:
     header = np.zeros(capacity, dtype=np.uint8)
     header[:len(body)] = np.frombuffer(body, dtype=np.uint8)
     rows = np.concatenate([header.reshape(pixels.shape[1:])[None], pixels])
-    return torch.from_numpy(rows).float() / 255.0
+    return from_rgb_uint8(rows)
 
 
 def _read_header(row: np.ndarray, position: int) -> tuple[bytes, tuple[int, ...]]:
@@ -103,4 +103,4 @@ def join_parts(story, images: torch.Tensor):
         missing = ", ".join(str(index + 1) for index in sorted(set(joined.drawn) - set(drawn)))
         raise ValueError(f"The parts lack identity panels {missing} of the panels they hold: tag each server's "
                          "whole decoded batch.")
-    return torch.from_numpy(np.stack([panels[index] for index in drawn])).float() / 255.0, joined
+    return from_rgb_uint8(panels[index] for index in drawn), joined

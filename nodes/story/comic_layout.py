@@ -317,6 +317,11 @@ def to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
     return (rgb.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
+def from_rgb_uint8(pixels) -> torch.Tensor:
+    """uint8 RGB pictures ([B, H, W, 3] array, or a list of [H, W, 3]) to a ComfyUI IMAGE batch."""
+    return torch.from_numpy(np.stack(list(pixels))).float() / 255.0
+
+
 def compose_pages(
     images: torch.Tensor, captions: str, options: LayoutOptions, font_size: int = 0, background: str = "#FFFFFF"
 ) -> torch.Tensor:
@@ -326,4 +331,4 @@ def compose_pages(
     color = parse_color(background)
     panels = to_rgb_uint8(images)
     pages = render_pages(panels, parse_captions(captions, len(panels)), options, font_size, color)
-    return torch.from_numpy(np.stack([np.asarray(page) for page in pages])).float() / 255.0
+    return from_rgb_uint8(np.asarray(page) for page in pages)
