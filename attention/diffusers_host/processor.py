@@ -103,21 +103,21 @@ class ConsistentAttentionState:
         self.step = Step(0, 1)
         self.latent_hw: tuple[int, int] | None = None
         self.planner: CallPlanner | None = None  # one per UNet call, as in ComfyUI
-        self.story: StoryCall | None = None  # who reads whom in this UNet call (one engine for both modes)
+        self.story_call: StoryCall | None = None  # who reads whom in this UNet call (one engine for both modes)
         self.layers: list[LayerId] = []
         self._undo: list = []
 
     def story_active(self, layer: LayerId, hidden_states: torch.Tensor) -> bool:
         """Whether this layer shares tokens in the current UNet call."""
-        if self.story is None:
+        if self.story_call is None:
             raise ConsistentAttentionError(
                 "Consistent Self-Attention runs inside a UNet call: call the UNet, not its layers."
             )
         rows = hidden_states.shape[0]
-        if rows != self.chunks * self.story.cast.panels:
+        if rows != self.chunks * self.story_call.cast.panels:
             raise ConsistentAttentionError(
-                f"the story has {self.story.cast.panels} panels and chunks is {self.chunks}, so a UNet call needs "
-                f"{self.chunks * self.story.cast.panels} rows; got {rows}. Give one prompt per panel."
+                f"the story has {self.story_call.cast.panels} panels and chunks is {self.chunks}, so a UNet call needs "
+                f"{self.chunks * self.story_call.cast.panels} rows; got {rows}. Give one prompt per panel."
             )
         return self.planner.rate(layer.block, layer.block_index, hidden_states.shape[1], self.latent_hw) > 0
 
@@ -131,7 +131,7 @@ class ConsistentAttentionState:
             self.step = nearest_step(timestep, timesteps)
         self.planner = CallPlanner(self.config, self.step)
         cast = self.cast or BatchCast.of(panels_per_chunk(sample.shape[0], self.chunks), self.config.window)
-        self.story = StoryCall(self.planner, cast, self.chunks, keep_bank=False)  # one call holds every panel
+        self.story_call = StoryCall(self.planner, cast, self.chunks, keep_bank=False)  # one call holds every panel
 
     def remove(self) -> None:
         """Give every attn1 its previous processor back and stop observing the UNet."""
@@ -173,8 +173,8 @@ class ConsistentSelfAttnProcessor:
             return _attend(attn, q, k, v)
 
         layer = (self.layer.block, self.layer.block_index)
-        panels = tuple(range(state.story.cast.panels))
-        out = state.story.attention(layer, panels, query, key, value, state.latent_hw, attend)
+        panels = tuple(range(state.story_call.cast.panels))
+        out = state.story_call.attention(layer, panels, query, key, value, state.latent_hw, attend)
         if out is None:
             out = _attend(attn, query, key, value)
         out = attn.to_out[1](attn.to_out[0](out))
